@@ -1,0 +1,254 @@
+"""Batched building blocks shared by the classical synthesizers.
+
+Random draws take an explicit ``torch.Generator`` and are made on the generator's device (they are small parameter
+tensors), then moved to the target device. Image-sized work is plain tensor algebra over the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rand(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str) -> Tensor:
+    """Uniform ``[0, 1)`` draws from ``generator``, returned on ``device``."""
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def uniform(
+    low: float, high: float, shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str
+) -> Tensor:
+    """Uniform draws in ``[low, high)``."""
+    return low + (high - low) * rand(shape, generator, device)
+
+
+def log_uniform(
+    low: float, high: float, shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str
+) -> Tensor:
+    """Draws whose logarithm is uniform in ``[log low, log high)`` (for ratios such as aspect ratios)."""
+    return torch.exp(uniform(math.log(low), math.log(high), shape, generator, device))
+
+
+def randint(
+    low: int, high: int, shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str
+) -> Tensor:
+    """Integers in ``[low, high]`` (both ends included)."""
+    return torch.randint(low, high + 1, shape, generator=generator, device=generator.device).to(device)
+
+
+def choose_k_of_n(batch: int, n: int, k: int, generator: torch.Generator, device: torch.device | str) -> Tensor:
+    """Bool ``[batch, n]`` with exactly ``min(k, n)`` distinct ``True`` entries per row, chosen uniformly."""
+    ranks = rand((batch, n), generator, device).argsort(dim=1).argsort(dim=1)
+    return ranks < k
+
+
+def sample_derangement(batch: int, count: int, generator: torch.Generator, device: torch.device | str) -> Tensor:
+    """``count`` random cyclic permutations of ``range(batch)`` without fixed points, as ``[batch, count]``.
+
+    Entry ``[i, k]`` is the image that gives image ``i`` its ``k``-th patch (``i`` itself only when ``batch == 1``).
+    """
+    order = rand((count, batch), generator, device).argsort(dim=1)  # a random cycle per column
+    source = torch.empty_like(order)
+    source.scatter_(1, order, order.roll(-1, dims=1))
+    return source.t().contiguous()
+
+
+def sample_points(weights: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF sampling of one pixel per sample from non-negative ``weights`` ``[B, H, W]``.
+
+    ``u`` holds one uniform draw per sample ``[B]``. Returns float pixel centres ``[B, 2]`` as ``(y, x)``.
+    A sample whose weights are all zero gets a uniformly distributed pixel.
+    """
+    b, h, w = weights.shape
+    flat = weights.reshape(b, -1).to(torch.float32)
+    empty = flat.sum(1, keepdim=True) <= 0
+    flat = torch.where(empty, torch.ones_like(flat), flat)
+    cdf = flat.cumsum(1)
+    target = (u.to(cdf).unsqueeze(1) * cdf[:, -1:]).contiguous()
+    index = torch.searchsorted(cdf, target, right=True).clamp_max(h * w - 1).squeeze(1)
+    return torch.stack((index // w, index % w), dim=1).to(torch.float32)
+
+
+def to_grayscale(x: Tensor) -> Tensor:
+    """ITU-R 601 luma of ``[B, 3, H, W]`` (identity for 1 channel), keeping a channel dim."""
+    if x.shape[1] == 1:
+        return x
+    weights = x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (x * weights).sum(1, keepdim=True)
+
+
+def match_channels(x: Tensor, channels: int) -> Tensor:
+    """Convert ``[B, 1|3, H, W]`` to ``channels`` channels (luma or replication)."""
+    if x.shape[1] == channels:
+        return x
+    return to_grayscale(x) if channels == 1 else x.expand(-1, 3, -1, -1)
+
+
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def color_matrix(brightness: Tensor, saturation: Tensor, hue: Tensor) -> Tensor:
+    """Per-sample ``[B, 3, 3]`` RGB matrices: gain ``brightness``, chroma scale ``saturation``, hue rotation ``hue``.
+
+    Hue is rotated in YIQ space, a linear approximation of torchvision's HSV hue shift that costs one matrix
+    product per pixel instead of two colour-space conversions.
+    """
+    to_yiq = _RGB_TO_YIQ.to(brightness)
+    cos, sin = torch.cos(hue), torch.sin(hue)
+    one, zero = torch.ones_like(hue), torch.zeros_like(hue)
+    rot = torch.stack(
+        (
+            torch.stack((one, zero, zero), -1),
+            torch.stack((zero, saturation * cos, -saturation * sin), -1),
+            torch.stack((zero, saturation * sin, saturation * cos), -1),
+        ),
+        dim=-2,
+    )
+    return brightness.view(-1, 1, 1) * (torch.linalg.inv(to_yiq) @ rot @ to_yiq)
+
+
+def rigid_grid(
+    size: tuple[int, int],
+    target_centre: Tensor,
+    source_centre: Tensor,
+    angle: Tensor,
+    scale: Tensor | None = None,
+    source_size: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sampling grid that maps each target pixel into a rotated, scaled source frame.
+
+    For target pixel ``p`` (``(y, x)``, pixel centres), the local coordinate is ``u = R(-angle)(p - target_centre) /
+    scale`` and the source coordinate is ``source_centre + u``.
+
+    Args:
+        size: target ``(H, W)``.
+        target_centre, source_centre: ``[B, 2]`` as ``(y, x)`` pixels.
+        angle: ``[B]`` radians. scale: ``[B]`` (target size / source size), default 1.
+        source_size: ``(H, W)`` of the source image, defaults to ``size``.
+
+    Returns:
+        ``(grid, local)``: ``grid`` ``[B, H, W, 2]`` normalised for ``F.grid_sample(align_corners=False)``, and
+        ``local`` ``[B, H, W, 2]`` (``(y, x)`` in source pixels, relative to ``source_centre``) for masks.
+    """
+    h, w = size
+    sh, sw = source_size or size
+    device, dtype = target_centre.device, target_centre.dtype
+    ys = torch.arange(h, device=device, dtype=dtype) + 0.5
+    xs = torch.arange(w, device=device, dtype=dtype) + 0.5
+    dy = ys.view(1, h, 1) - target_centre[:, 0].view(-1, 1, 1)
+    dx = xs.view(1, 1, w) - target_centre[:, 1].view(-1, 1, 1)
+    cos, sin = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
+    uy = -sin * dx + cos * dy
+    ux = cos * dx + sin * dy
+    if scale is not None:
+        uy = uy / scale.view(-1, 1, 1)
+        ux = ux / scale.view(-1, 1, 1)
+    sy = source_centre[:, 0].view(-1, 1, 1) + uy
+    sx = source_centre[:, 1].view(-1, 1, 1) + ux
+    grid = torch.stack((sx / sw * 2 - 1, sy / sh * 2 - 1), dim=-1)
+    return grid, torch.stack((uy, ux), dim=-1)
+
+
+def binary_open_close(mask: Tensor, radius: int) -> Tensor:
+    """Morphological opening then closing of a bool ``[B, 1, H, W]`` mask with a square of side ``2r+1``."""
+    if radius <= 0:
+        return mask
+    k = 2 * radius + 1
+
+    def dilate(m: Tensor) -> Tensor:
+        return F.max_pool2d(m.float(), k, stride=1, padding=radius) > 0.5
+
+    def erode(m: Tensor) -> Tensor:
+        return ~dilate(~m)
+
+    return erode(dilate(dilate(erode(mask))))
+
+
+# Sparse pixel helpers: synthesizers change few pixels, so they compute the new values only where the mask is set
+# (``nonzero`` once per call) instead of producing full-size candidate images.
+
+
+def mask_pixels(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices ``(b, y, x)`` of the set pixels of a bool ``[B, 1, H, W]`` mask."""
+    b, _, y, x = mask.nonzero(as_tuple=True)
+    return b, y, x
+
+
+def sample_at(
+    images: Tensor, index: Tensor, sy: Tensor, sx: Tensor, padding_mode: str = "border", presorted: bool = False
+) -> Tensor:
+    """Bilinear samples ``[N, C]`` of ``images[index]`` at continuous pixel coordinates ``(sy, sx)`` (centres at
+    +0.5), for ``N`` scattered points.
+
+    The points are packed per source image into one ``F.grid_sample`` call (``[B, 1, max count, 2]`` grid), so the
+    work is proportional to ``N``, not to the image size, and no per-sample copy of ``images`` is made.
+    ``padding_mode`` is ``grid_sample``'s: ``"border"``, ``"reflection"`` or ``"zeros"``. Set ``presorted`` when
+    ``index`` is non-decreasing (as from :func:`mask_pixels`) to skip a sort.
+    """
+    b, c, h, w = images.shape
+    n = index.numel()
+    if n == 0:
+        return images.new_zeros(0, c)
+    counts = torch.bincount(index, minlength=b)
+    start = counts.cumsum(0) - counts
+    if presorted:
+        slot = torch.arange(n, device=index.device) - start[index]
+    else:
+        order = torch.argsort(index, stable=True)
+        slot = torch.empty_like(index)
+        slot[order] = torch.arange(n, device=index.device) - start[index[order]]
+    grid = images.new_zeros(b, 1, int(counts.max()), 2)
+    grid[index, 0, slot] = torch.stack((sx / w * 2 - 1, sy / h * 2 - 1), -1).to(images.dtype)
+    samples = F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    return samples[index, :, 0, slot]
+
+
+def jitter_pixels(
+    values: Tensor, b: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor, hue: Tensor, mean: Tensor
+) -> Tensor:
+    """:func:`jitter_colors` on gathered pixels ``[N, C]`` of samples ``b`` (factors and mean luma are ``[B]``)."""
+    if values.shape[1] == 3:
+        values = torch.einsum("nij,nj->ni", color_matrix(brightness, saturation, hue)[b], values)
+    else:
+        values = values * brightness[b].unsqueeze(1)
+    c = contrast[b].unsqueeze(1)
+    return (values * c + (mean * brightness)[b].unsqueeze(1) * (1 - c)).clamp(0, 1)
+
+
+def mean_luma(images: Tensor) -> Tensor:
+    """Mean luma per image, ``[B]``."""
+    return to_grayscale(images.mean(dim=(2, 3), keepdim=True)).flatten()
+
+
+def rotation_grid(size: tuple[int, int], angle: Tensor) -> Tensor:
+    """``F.affine_grid`` that rotates ``[B, *, H, W]`` maps by ``angle`` ``[B]`` radians about their centre (in
+    pixel units, so non-square maps are not sheared)."""
+    h, w = size
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    zero = torch.zeros_like(angle)
+    theta = torch.stack(
+        (torch.stack((cos, -sin * h / w, zero), -1), torch.stack((sin * w / h, cos, zero), -1)), dim=1
+    )
+    return F.affine_grid(theta, [angle.shape[0], 1, h, w], align_corners=False)
+
+
+def to_local(py: Tensor, px: Tensor, centre: Tensor, angle: Tensor) -> tuple[Tensor, Tensor]:
+    """Coordinates of points ``(py, px)`` in the frame of a rectangle at ``centre`` ``[N, 2]`` rotated by ``angle``
+    ``[N]`` (radians): ``R(-angle) (p - centre)``. All inputs broadcast."""
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    dy, dx = py - centre[..., 0], px - centre[..., 1]
+    return cos * dy - sin * dx, cos * dx + sin * dy
+
+
+def rotated_rect_mask(size: tuple[int, int], centre: Tensor, half: Tensor, angle: Tensor) -> Tensor:
+    """Bool ``[B, 1, H, W]``: pixel centres inside the rectangle of half-sides ``half`` ``[B, 2]`` (``(y, x)``) at
+    ``centre`` ``[B, 2]`` rotated by ``angle`` ``[B]`` radians."""
+    h, w = size
+    ys = (torch.arange(h, device=centre.device, dtype=centre.dtype) + 0.5).view(1, h, 1)
+    xs = (torch.arange(w, device=centre.device, dtype=centre.dtype) + 0.5).view(1, 1, w)
+    view = (-1, 1, 1)
+    uy, ux = to_local(ys, xs, centre.view(-1, 1, 1, 2), angle.view(view))
+    return ((uy.abs() <= half[:, 0].view(view)) & (ux.abs() <= half[:, 1].view(view))).unsqueeze(1)

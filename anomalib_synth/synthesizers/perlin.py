@@ -1,0 +1,313 @@
+"""DRAEM-style Perlin-noise anomalies (Zavrtanik et al., "DRAEM", ICCV 2021, Sec. 3.3), batched.
+
+Per image: a Perlin noise map with random power-of-two lattice resolution per axis (``2**[0, 5]``, DRAEM's
+``perlin_scale=6`` exclusive) is rotated and thresholded into a mask ``M``; an anomaly source ``A`` (a texture from a
+folder such as DTD, or the image itself, shifted and rotated) is augmented by ``n_augment`` of a list of colour
+operations; inside the mask it is blended with opacity ``beta``:
+
+    I' = (1 - M) * I + M * ((1 - beta) * I + beta * A)
+
+``beta`` here is the *opacity of the anomaly source* (anomalib's ``blend_factor``; DRAEM's ``1 - beta``), drawn from
+``beta`` = ``(0.2, 1.0)`` by default, the range of DRAEM's ``beta ~ U[0, 0.8]``.
+
+Departures from DRAEM, and why:
+    - All images of a batch are processed at once (noise lattices of different resolution are evaluated with a
+      per-sample gather), with draws from an explicit generator; DRAEM and anomalib loop over images.
+    - The noise is evaluated at up to 128 px on the short side and upsampled bilinearly (the finest lattice, 32
+      cells, still spans 4 px per cell), which makes it ~4x cheaper at 256 px with the same masks up to edge detail.
+    - A mask that would be empty (a known cause of anomalib's retry loop) is grown to the ``min_area`` highest-noise
+      pixels inside the foreground, so every sample is anomalous unless the foreground itself is empty.
+    - ``area_range`` optionally replaces the fixed threshold with a per-sample quantile, giving direct control of
+      the defect size.
+    - The augmentations are DRAEM's list minus the geometric and equalisation ones, implemented as batched colour
+      operations (hue rotation is done in YIQ space).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..io import load_texture_bank
+from .base import Params, SynthesisResult, Synthesizer
+from .ops import (
+    choose_k_of_n,
+    color_matrix,
+    mask_pixels,
+    to_grayscale,
+    rand,
+    randint,
+    rotation_grid,
+    sample_at,
+    uniform,
+)
+from .placement import check_foreground_mode, resolve_foreground
+from .registry import register
+from .validation import check_range
+
+AUGMENT_OPS = ("gamma", "brightness", "hue_saturation", "solarize", "posterize", "invert", "autocontrast")
+
+
+def _lattice_weights(n: int, res: Tensor, lattice: int) -> tuple[Tensor, Tensor]:
+    """Interpolation weights of the lattice lines for ``n`` pixels along one axis, per sample.
+
+    Returns ``weight`` ``[B, n, lattice]`` (the faded linear-interpolation weight of each lattice line, non-zero for
+    the two lines around the pixel) and ``offset_weight`` = ``weight * (coordinate - line)``.
+    """
+    coord = torch.arange(n, device=res.device, dtype=torch.float32) / n * res.view(-1, 1).float()  # [B, n]
+    cell = coord.floor()
+    t = coord - cell
+    fade = t * t * t * (t * (t * 6 - 15) + 10)
+    lines = torch.arange(lattice, device=res.device, dtype=torch.float32).view(1, 1, -1)
+    weight = torch.where(lines == cell.unsqueeze(-1), (1 - fade).unsqueeze(-1), 0.0)
+    weight = weight + torch.where(lines == cell.unsqueeze(-1) + 1, fade.unsqueeze(-1), 0.0)
+    return weight, weight * (coord.unsqueeze(-1) - lines)
+
+
+def perlin_noise(size: tuple[int, int], res_y: Tensor, res_x: Tensor, angles: Tensor) -> Tensor:
+    """Batched 2-D gradient (Perlin) noise in about ``[-1, 1]``, as two small matrix products per sample.
+
+    Perlin noise at ``(y, x)`` is ``sum_ij Wy_i(y) Wx_j(x) (gx_ij (x - j) + gy_ij (y - i))`` over lattice points
+    ``(i, j)`` with unit gradients ``(gy, gx)`` and faded interpolation weights ``W``. That sum factorises into
+    ``Wy @ Gx @ Dx^T + Dy @ Gy @ Wx^T`` with ``D = W * offset``, so the whole batch costs two batched matmuls.
+
+    Args:
+        size: ``(H, W)`` of the noise maps.
+        res_y, res_x: ``[B]`` integer lattice resolutions (cells per axis), at most ``angles.shape[-1] - 1``.
+        angles: ``[B, R+1, R+1]`` gradient directions (radians) of the lattice points.
+
+    Returns:
+        ``[B, 1, H, W]`` noise.
+    """
+    h, w = size
+    lattice = angles.shape[-1]
+    wy, dy = _lattice_weights(h, res_y, lattice)
+    wx, dx = _lattice_weights(w, res_x, lattice)
+    gx, gy = torch.cos(angles), torch.sin(angles)
+    noise = wy @ gx @ dx.transpose(1, 2) + dy @ gy @ wx.transpose(1, 2)
+    return (math.sqrt(2) * noise).unsqueeze(1)
+
+
+def sample_augment_params(batch: int, n_ops: int, generator: torch.Generator, device: torch.device) -> Params:
+    """Draw DRAEM-style source augmentations: ``n_ops`` of :data:`AUGMENT_OPS` per sample and their strengths."""
+    return {
+        "aug_ops": choose_k_of_n(batch, len(AUGMENT_OPS), n_ops, generator, device),
+        "aug_gamma": uniform(0.5, 2.0, (batch,), generator, device),
+        "aug_gain": uniform(0.8, 1.2, (batch,), generator, device),
+        "aug_offset": uniform(-30 / 255, 30 / 255, (batch,), generator, device),
+        "aug_hue": uniform(-math.pi / 4, math.pi / 4, (batch,), generator, device),
+        "aug_saturation": uniform(0.5, 1.5, (batch,), generator, device),
+        "aug_solarize": uniform(0.125, 1.0, (batch,), generator, device),
+        "aug_bits": randint(2, 5, (batch,), generator, device),
+    }
+
+
+def apply_augment(values: Tensor, b: Tensor, p: Params, low: Tensor, high: Tensor) -> Tensor:
+    """Apply :func:`sample_augment_params` draws to source pixels ``[N, C]`` of samples ``b``.
+
+    ``low`` / ``high`` (``[B, C]``) are the per-sample source extremes used by autocontrast, which runs first.
+    Unselected operations get identity parameters, so every pixel goes through the same arithmetic.
+    """
+    on = p["aug_ops"]
+    one = torch.ones_like(p["aug_gamma"])
+    c = values.shape[1]
+    per_sample = torch.cat(
+        (
+            torch.where(on[:, 0], p["aug_gamma"], one).view(-1, 1),
+            torch.where(on[:, 1], p["aug_gain"], one).view(-1, 1),
+            torch.where(on[:, 1], p["aug_offset"], 0.0).view(-1, 1),
+            torch.where(on[:, 3], p["aug_solarize"], 2.0).view(-1, 1),
+            torch.where(on[:, 4], torch.exp2(p["aug_bits"].float()), 0.0).view(-1, 1),
+            on[:, 5:7].to(one.dtype),
+            low,
+            (high - low).clamp_min(1e-3),
+        ),
+        dim=1,
+    )[b]  # one gather: [N, 7 + 2C]
+    gamma, gain, offset, solarize, levels, invert, stretch = per_sample[:, :7].split(1, dim=1)
+    values = torch.where(stretch > 0, (values - per_sample[:, 7 : 7 + c]) / per_sample[:, 7 + c :], values)
+    values = values.clamp(0, 1) ** gamma
+    if c == 3:
+        hue = torch.where(on[:, 2], p["aug_hue"], 0.0)
+        matrix = color_matrix(one, torch.where(on[:, 2], p["aug_saturation"], one), hue)
+        values = torch.einsum("nij,nj->ni", matrix[b], values)
+    values = (values * gain + offset).clamp(0, 1)
+    values = torch.where(values >= solarize, 1 - values, values)
+    values = torch.where(levels > 0, torch.floor(values * levels) / levels.clamp_min(1), values)
+    return torch.where(invert > 0, 1 - values, values)
+
+
+@register("perlin")
+class PerlinSynthesizer(Synthesizer):
+    """DRAEM-style anomalies: a thresholded Perlin mask filled with an augmented texture or the image itself.
+
+    Args:
+        texture_dir (str | Path | None, optional): folder of anomaly-source textures (e.g. DTD ``images/``), searched
+            recursively. ``None`` uses the image itself (shifted, rotated and recoloured). Defaults to ``None``.
+        beta (tuple[float, float], optional): opacity range of the anomaly source inside the mask. Defaults to
+            ``(0.2, 1.0)``.
+        scale_range (tuple[int, int], optional): exponents of the Perlin lattice resolution ``2**k``, inclusive.
+            Small values give large blobs. Defaults to ``(0, 5)``.
+        threshold (float, optional): noise threshold of the mask (DRAEM: 0.5). Defaults to ``0.5``.
+        area_range (tuple[float, float] | None, optional): if given, each mask covers a fraction of the foreground
+            drawn from this range instead of using ``threshold``. Defaults to ``None``.
+        rotation (tuple[float, float], optional): rotation range of the noise, degrees. Defaults to ``(-90, 90)``.
+        n_augment (int, optional): number of augmentations applied to the source. Defaults to ``3``.
+        min_area (float, optional): smallest mask, as a fraction of the image. Defaults to ``0.002``.
+        foreground (str, optional): ``"none"`` (anywhere) or ``"auto"`` (estimated object region, see
+            :mod:`anomalib_synth.synthesizers.placement`). ``fg_masks`` passed to the call take precedence.
+            Defaults to ``"none"``.
+        texture_size (int, optional): side length textures are stored at (uint8, in memory). Defaults to ``256``.
+        max_textures (int, optional): at most this many textures are preloaded
+            (evenly spaced in sorted order), so that no disk read happens per call. Defaults to ``256``.
+
+    Raises:
+        ValueError: for an empty or missing ``texture_dir`` or out-of-range arguments.
+    """
+
+    description = "DRAEM-style Perlin-noise mask filled with a texture (e.g. DTD) or the image itself"
+    _param_keys = ("beta", "res_y", "res_x", "angle", "area", "texture")
+
+    def __init__(
+        self,
+        texture_dir: str | Path | None = None,
+        beta: tuple[float, float] = (0.2, 1.0),
+        scale_range: tuple[int, int] = (0, 5),
+        threshold: float = 0.5,
+        area_range: tuple[float, float] | None = None,
+        rotation: tuple[float, float] = (-90.0, 90.0),
+        n_augment: int = 3,
+        min_area: float = 0.002,
+        foreground: str = "none",
+        texture_size: int = 256,
+        max_textures: int = 256,
+    ) -> None:
+        super().__init__()
+        self.beta = check_range("beta", beta, 0.0, 1.0)
+        self.scale_range = tuple(int(v) for v in check_range("scale_range", scale_range, 0, 8))
+        if not -1.0 < threshold < 1.0:
+            msg = f"threshold must be in (-1, 1), got {threshold}"
+            raise ValueError(msg)
+        self.threshold = float(threshold)
+        self.area_range = None if area_range is None else check_range("area_range", area_range, 1e-6, 1.0)
+        self.rotation = check_range("rotation", rotation, -360.0, 360.0)
+        if not 0 <= n_augment <= len(AUGMENT_OPS):
+            msg = f"n_augment must be in [0, {len(AUGMENT_OPS)}], got {n_augment}"
+            raise ValueError(msg)
+        self.n_augment = int(n_augment)
+        self.min_area = float(min_area)
+        self.foreground = check_foreground_mode(foreground)
+        self.texture_dir = None if texture_dir is None else str(texture_dir)
+        self.texture_size = int(texture_size)
+        self.max_textures = int(max_textures)
+        textures = torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+        if texture_dir is not None:
+            bank = load_texture_bank(texture_dir, self.texture_size, limit=self.max_textures)
+            textures = (bank * 255).round().to(torch.uint8)
+        self.register_buffer("textures", textures, persistent=False)
+        extremes = torch.stack(torch.aminmax(textures.flatten(2).float() / 255, dim=-1), 1)  # [N, 2, 3]
+        self.register_buffer("texture_range", extremes, persistent=False)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "texture_dir": self.texture_dir,
+            "beta": list(self.beta),
+            "scale_range": list(self.scale_range),
+            "threshold": self.threshold,
+            "area_range": None if self.area_range is None else list(self.area_range),
+            "rotation": list(self.rotation),
+            "n_augment": self.n_augment,
+            "min_area": self.min_area,
+            "foreground": self.foreground,
+        }
+
+    def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
+        b, device = images.shape[0], images.device
+        lo, hi = self.scale_range
+        n_lattice = 2**hi + 1
+        params: Params = {
+            "beta": uniform(*self.beta, (b,), generator, device),
+            "res_y": torch.exp2(randint(lo, hi, (b,), generator, device).float()).long(),
+            "res_x": torch.exp2(randint(lo, hi, (b,), generator, device).float()).long(),
+            "lattice": uniform(0, 2 * math.pi, (b, n_lattice, n_lattice), generator, device),
+            "angle": uniform(*self.rotation, (b,), generator, device),
+            "area": uniform(*(self.area_range or (0.0, 0.0)), (b,), generator, device),
+            "texture": randint(0, max(len(self.textures) - 1, 0), (b,), generator, device),
+            "shift": rand((b, 2), generator, device),
+            "source_angle": uniform(-180, 180, (b,), generator, device),
+        }
+        params.update(sample_augment_params(b, self.n_augment, generator, device))
+        fg = resolve_foreground(images, fg_masks, self.foreground)
+        if fg is not None:
+            params["fg"] = fg
+        return params
+
+    def apply(self, images: Tensor, params: Params) -> SynthesisResult:
+        x = images.float()
+        mask = self._mask(params, x.shape[-2:])
+        b, y, xx = mask_pixels(mask)
+        source, low, high = self._source(x, params, b, y, xx)
+        source = apply_augment(source, b, params, low, high)
+        beta = params["beta"].to(x)[b].unsqueeze(1)
+        out = x.clone()
+        out[b, :, y, xx] = torch.lerp(x[b, :, y, xx], source, beta)
+        return self._result(images, out, mask, params, self._param_keys)
+
+    def _noise(self, params: Params, size: tuple[int, int]) -> Tensor:
+        """Rotated Perlin noise at up to 128 px on the short side (upsampled later by :meth:`_mask`)."""
+        h, w = size
+        factor = max(1, min(h, w) // 128)
+        small = (math.ceil(h / factor), math.ceil(w / factor))
+        noise = perlin_noise(small, params["res_y"], params["res_x"], params["lattice"])
+        grid = rotation_grid(small, torch.deg2rad(params["angle"].float()))
+        return F.grid_sample(noise, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    def _mask(self, params: Params, size: tuple[int, int]) -> Tensor:
+        """Threshold the noise: per-sample thresholds are found on the small map, then applied at full size."""
+        fg = params.get("fg")
+        noise = self._noise(params, size)
+        candidates = noise
+        if fg is not None:
+            fg_small = F.interpolate(fg.float(), size=noise.shape[-2:], mode="area") > 0.5
+            candidates = noise.masked_fill(~fg_small, float("-inf"))
+        candidates = candidates.flatten(1)
+        n_pixels = candidates.shape[1]
+        if self.area_range is not None:
+            n_fg = n_pixels if fg is None else (candidates > float("-inf")).sum(1)
+            k = (params["area"] * n_fg).round().long().clamp(1, n_pixels)
+            threshold = candidates.sort(dim=1, descending=True).values.gather(1, (k - 1).view(-1, 1))
+        else:
+            k_min = max(1, round(self.min_area * n_pixels))
+            floor = candidates.topk(k_min, dim=1).values[:, -1:]
+            threshold = torch.minimum(torch.full_like(floor, self.threshold), floor)
+        if noise.shape[-2:] != tuple(size):
+            noise = F.interpolate(noise, size=size, mode="bilinear", align_corners=False)
+        mask = noise >= threshold.view(-1, 1, 1, 1)
+        return mask if fg is None else mask & fg
+
+    def _source(self, x: Tensor, params: Params, b: Tensor, y: Tensor, xx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Anomaly-source values at the masked pixels ``[N, C]``, and per-sample source extremes ``[B, C]``."""
+        _, c, h, w = x.shape
+        py, px = y.to(x) + 0.5, xx.to(x) + 0.5
+        if len(self.textures):
+            index = params["texture"]
+            bank = self.textures.to(x.device)[index].to(x) / 255  # only the B textures in use
+            side = bank.shape[-1]
+            values = sample_at(bank, b, py * side / h, px * side / w, presorted=True)
+            low, high = self.texture_range[index].to(x).unbind(1)
+            if c == 1:
+                return to_grayscale(values[..., None, None])[:, :, 0, 0], low.amin(1, True), high.amax(1, True)
+            return values, low, high
+        angle = torch.deg2rad(params["source_angle"].to(x))[b]
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        dy, dx = py - h / 2, px - w / 2
+        shift = params["shift"].to(x)[b] * x.new_tensor([h, w])
+        sy = shift[:, 0] - sin * dx + cos * dy
+        sx = shift[:, 1] + cos * dx + sin * dy
+        values = sample_at(x, b, sy, sx, padding_mode="reflection", presorted=True)
+        return values, x.amin(dim=(2, 3)), x.amax(dim=(2, 3))

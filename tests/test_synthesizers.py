@@ -1,0 +1,236 @@
+"""The synthesizer contract, checked on values for every registered synthesizer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import gen
+from PIL import Image
+from scipy import ndimage
+
+from anomalib_synth import metrics
+from anomalib_synth.io import builtin_photo, resize
+from anomalib_synth.synthesizers import (
+    CutPasteSynthesizer,
+    NSASynthesizer,
+    PerlinSynthesizer,
+    Synthesizer,
+    available,
+    get,
+)
+
+NAMES = sorted(available())
+
+
+def test_registry_lists_every_classical_synthesizer() -> None:
+    assert {"perlin", "cutpaste", "scar", "nsa"} <= set(NAMES)
+    assert all(description for description in available().values())
+    assert isinstance(get("perlin", beta=(0.5, 1.0)), PerlinSynthesizer)
+    assert get("scar").mode == "scar"
+
+
+def test_unknown_name_lists_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown synthesizer 'nope'.*perlin"):
+        get("nope")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_result_contract(name: str, photos: torch.Tensor) -> None:
+    out = get(name)(photos, generator=gen(0))
+    assert out.images.shape == photos.shape and out.images.dtype == photos.dtype
+    assert out.masks.shape == (4, 1, 96, 96) and out.masks.dtype == torch.float32
+    assert set(out.masks.unique().tolist()) <= {0.0, 1.0}
+    assert out.labels.dtype == torch.bool
+    assert torch.equal(out.labels, out.masks.flatten(1).amax(1) > 0)
+    assert out.labels.all(), "every default synthesizer makes every sample anomalous on textured photos"
+    assert len(out.params) == 4
+    json.dumps(out.params)  # manifests need JSON
+    assert float(out.images.min()) >= 0 and float(out.images.max()) <= 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pixels_outside_the_mask_are_unchanged(name: str, photos: torch.Tensor) -> None:
+    out = get(name)(photos, generator=gen(1))
+    outside = out.masks == 0
+    assert torch.equal(out.images[outside.expand_as(photos)], photos[outside.expand_as(photos)])
+    assert torch.isinf(metrics.background_psnr(out, photos)).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inside_the_mask_changed_visibly(name: str, photos: torch.Tensor) -> None:
+    out = get(name)(photos, generator=gen(2))
+    assert (metrics.anomaly_visibility(out, photos) > 0.02).all()
+    assert (metrics.mask_agreement(out, photos) > 0.6).all()
+
+
+def test_nsa_changes_exactly_where_the_mask_says(photos: torch.Tensor) -> None:
+    out = NSASynthesizer()(photos, generator=gen(3))
+    changed = (out.images - photos).abs().amax(1, keepdim=True) > 0
+    assert torch.equal(changed, out.masks > 0)
+    assert torch.equal(metrics.mask_agreement(out, photos, tau=0.0), torch.ones(4))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_output_different_seed_different_output(name: str, photos: torch.Tensor) -> None:
+    synth = get(name)
+    a, b, c = synth(photos, generator=gen(7)), synth(photos, generator=gen(7)), synth(photos, generator=gen(8))
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks) and a.params == b.params
+    assert not torch.equal(a.masks, c.masks)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_apply_replays_sampled_params(name: str, photos: torch.Tensor) -> None:
+    synth = get(name)
+    params = synth.sample_params(photos, None, gen(4))
+    first, second = synth.apply(photos, params), synth.apply(photos, params)
+    assert torch.equal(first.images, second.images)
+    assert torch.equal(first.images, synth(photos, generator=gen(4)).images)
+
+
+def test_global_rng_is_not_used(photos: torch.Tensor) -> None:
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    for name in NAMES:
+        get(name)(photos, generator=gen(0))
+        get(name)(photos)  # no generator: a private one is seeded from OS entropy
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grayscale_images(name: str, photos: torch.Tensor) -> None:
+    gray = photos.mean(1, keepdim=True)
+    out = get(name)(gray, generator=gen(5))
+    assert out.images.shape == gray.shape
+    outside = (out.masks == 0).expand_as(gray)
+    assert torch.equal(out.images[outside], gray[outside])
+    assert out.labels.all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float64_and_non_square_images(name: str, photos: torch.Tensor) -> None:
+    images = photos[:, :, :, :80].double()
+    out = get(name)(images, generator=gen(6))
+    assert out.images.dtype == torch.float64 and out.images.shape == images.shape
+    assert out.masks.shape == (4, 1, 96, 80)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_masks_stay_inside_given_foreground(name: str, photos: torch.Tensor) -> None:
+    fg = torch.zeros(4, 1, 96, 96, dtype=torch.bool)
+    fg[:, :, 20:70, 30:80] = True
+    out = get(name)(photos, fg_masks=fg, generator=gen(9))
+    assert not (out.masks.bool() & ~fg).any()
+    assert out.labels.all()
+
+
+def test_empty_foreground_gives_normal_samples(photos: torch.Tensor) -> None:
+    fg = torch.zeros(4, 1, 96, 96)
+    fg[0, :, 10:50, 10:50] = 1
+    out = get("perlin")(photos, fg_masks=fg, generator=gen(0))
+    assert out.labels.tolist() == [True, False, False, False]
+    assert torch.equal(out.images[1:], photos[1:])
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        ((torch.rand(2, 3, 32, 32) * 255).to(torch.uint8), "floating point"),
+        (torch.rand(2, 3, 32, 32) * 2, r"\[0,1\]"),
+        (torch.full((2, 3, 32, 32), float("nan")), r"\[0,1\]"),
+        (torch.rand(3, 32, 32), "rank 4"),
+        (torch.rand(2, 4, 32, 32), "1 or 3 channels"),
+        (np.zeros((2, 3, 32, 32), dtype=np.float32), "torch.Tensor"),
+    ],
+)
+def test_bad_images_raise_clear_errors(images, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        get("cutpaste")(images)
+
+
+def test_bad_fg_masks_raise() -> None:
+    with pytest.raises(ValueError, match=r"fg_masks must have shape \[B,1,H,W\]"):
+        get("nsa")(torch.rand(2, 3, 32, 32), fg_masks=torch.ones(2, 1, 16, 16))
+
+
+def test_bad_constructor_arguments_raise() -> None:
+    with pytest.raises(ValueError, match="beta"):
+        PerlinSynthesizer(beta=(0.8, 0.2))
+    with pytest.raises(ValueError, match="mode"):
+        CutPasteSynthesizer(mode="paste")
+    with pytest.raises(ValueError, match="foreground"):
+        NSASynthesizer(foreground="otsu")
+    with pytest.raises(ValueError, match="num_defects"):
+        CutPasteSynthesizer(num_defects=(2, 1))
+
+
+def test_missing_or_empty_texture_folder_raises(tmp_path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        PerlinSynthesizer(texture_dir=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="holds no images"):
+        PerlinSynthesizer(texture_dir=tmp_path / "empty")
+
+
+def _write_textures(folder, names=("gravel", "grass")) -> None:
+    (folder / "sub").mkdir(parents=True)
+    for name in names:
+        array = (resize(builtin_photo(name), (40, 60)) * 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(folder / "sub" / f"{name}.png")
+
+
+def test_perlin_fills_the_mask_from_textures(tmp_path) -> None:
+    _write_textures(tmp_path)
+    flat = torch.full((3, 3, 64, 64), 0.5)
+    synth = PerlinSynthesizer(texture_dir=tmp_path, beta=(1.0, 1.0), n_augment=0, texture_size=64)
+    assert synth.textures.shape == (2, 3, 64, 64) and synth.textures.dtype == torch.uint8
+    out = synth(flat, generator=gen(0))
+    # full opacity, no augmentation, texture at image size: the mask shows exactly the chosen texture's pixels
+    for i, params in enumerate(out.params):
+        inside = out.masks[i].bool().expand(3, -1, -1)
+        texture = synth.textures[params["texture"]].float() / 255
+        assert torch.allclose(out.images[i][inside], texture[inside], atol=1e-5)
+        assert torch.equal(out.images[i][~inside], flat[i][~inside])
+
+
+def test_perlin_area_range_controls_defect_size(photos: torch.Tensor) -> None:
+    out = PerlinSynthesizer(area_range=(0.1, 0.1))(photos, generator=gen(0))
+    area = out.masks.mean((1, 2, 3))
+    assert torch.allclose(area, torch.full_like(area, 0.1), atol=0.02)
+
+
+def test_perlin_never_returns_an_empty_mask_for_a_non_empty_foreground(photos: torch.Tensor) -> None:
+    out = PerlinSynthesizer(threshold=0.99, min_area=0.01)(photos, generator=gen(0))
+    assert out.labels.all()
+    assert (out.masks.mean((1, 2, 3)) >= 0.005).all()
+
+
+def test_cutpaste_num_defects_places_several_patches(photos: torch.Tensor) -> None:
+    synth = CutPasteSynthesizer(area_range=(0.01, 0.01), rotation=(0, 0), num_defects=(3, 3), source="other")
+    out = synth(photos, generator=gen(0))
+    components = [ndimage.label(m[0].numpy())[1] for m in out.masks]
+    assert max(components) >= 2
+    assert all(p["num_defects"] == 3 for p in out.params)
+    single = CutPasteSynthesizer(area_range=(0.01, 0.01), rotation=(0, 0))(photos, generator=gen(0))
+    assert (single.masks.mean((1, 2, 3)) - 0.01).abs().max() < 0.005
+
+
+def test_cutpaste_other_source_takes_patches_from_another_image(photos: torch.Tensor) -> None:
+    out = CutPasteSynthesizer(source="other")(photos, generator=gen(0))
+    assert all(p["source_index"] != i for i, p in enumerate(out.params))
+
+
+def test_scar_masks_are_thin(photos: torch.Tensor) -> None:
+    out = get("scar")(photos, generator=gen(0))
+    # 2-16 x 10-25 px at 256 px, scaled to 96 px: at most ~6 x 9.4 px
+    assert (out.masks.sum((1, 2, 3)) <= 6.1 * 9.5 + 4).all()
+
+
+def test_synthesizer_is_a_plain_module_that_moves_with_to() -> None:
+    synth = get("perlin")
+    assert isinstance(synth, Synthesizer) and isinstance(synth, torch.nn.Module)
+    assert synth.to("cpu") is synth
+    assert "beta=" in repr(synth)
