@@ -20,6 +20,9 @@ BUILTIN_PHOTOS = ("brick", "grass", "gravel", "coffee", "camera", "astronaut", "
 
 BUILTIN_PREFIX = "builtin:"
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     """Sorted image files under ``folder``; ``ValueError`` if it is missing or holds no images."""
@@ -117,6 +120,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600 files; give them the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

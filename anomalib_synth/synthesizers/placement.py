@@ -6,8 +6,8 @@ Automatic estimation (``foreground="auto"``), batched and sync-free:
 2. Each pixel's distance to that colour (max over channels) is thresholded with Otsu's method, computed on a
    256-bin histogram per image.
 3. The mask is cleaned by a morphological opening and closing (radius ``~min(H, W) / 100``).
-4. If fewer than ``border_agreement`` (90 %) of the border pixels fall in the background class, the image has no
-   uniform background (a texture such as carpet, grid, brick): its whole area is foreground. The same holds when the
+4. If fewer than ``border_agreement`` (90 %) of the border pixels fall in the background class (before step 3),
+   the image has no uniform background (a texture such as carpet, grid, brick): its whole area is foreground. The same holds when the
    estimated foreground covers less than 1 % of the image.
 
 This suits MVTec-style objects photographed on a plain background (bottle, hazelnut, screw, capsule, ...). For other
@@ -56,9 +56,10 @@ def estimate_foreground(images: Tensor, border_agreement: float = 0.9, min_fract
     scale = dist.flatten(1).amax(1).clamp_min(1e-6).view(b, 1, 1, 1)
     norm = dist / scale
     thr = otsu_threshold(norm.flatten(1)).view(b, 1, 1, 1)
-    fg = norm > thr
-    fg = binary_open_close(fg, max(1, min(h, w) // 100))
-    border_bg = (~_border(fg.float()).bool()).float().mean(-1).view(b, 1, 1, 1)
+    raw = norm > thr
+    # judged before the clean-up, which would erase the speckles that a texture's "foreground" is made of
+    border_bg = (~_border(raw.float()).bool()).float().mean(-1).view(b, 1, 1, 1)
+    fg = binary_open_close(raw, max(1, min(h, w) // 100))
     fraction = fg.float().mean(dim=(1, 2, 3), keepdim=True)
     no_background = (border_bg < border_agreement) | (fraction < min_fraction)
     return fg | no_background

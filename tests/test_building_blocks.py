@@ -1,0 +1,193 @@
+"""Values of the batched building blocks: noise, Poisson solver, placement, sampling helpers, metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as spl
+import torch
+import torch.nn.functional as F
+from conftest import gen
+
+from anomalib_synth import metrics
+from anomalib_synth.synthesizers import SynthesisResult
+from anomalib_synth.synthesizers.ops import (
+    choose_k_of_n,
+    rotated_rect_mask,
+    sample_at,
+    sample_derangement,
+    sample_points,
+)
+from anomalib_synth.synthesizers.perlin import perlin_noise
+from anomalib_synth.synthesizers.placement import estimate_foreground, otsu_threshold
+from anomalib_synth.synthesizers.poisson import membrane, seamless_clone
+
+
+def _reference_perlin(h: int, w: int, ry: int, rx: int, angles: np.ndarray) -> np.ndarray:
+    """Textbook per-pixel Perlin noise (loops), for comparison."""
+
+    def fade(t):
+        return t * t * t * (t * (t * 6 - 15) + 10)
+
+    out = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            y, x = i / h * ry, j / w * rx
+            y0, x0 = int(y), int(x)
+            fy, fx = y - y0, x - x0
+            dots = {}
+            for dy in (0, 1):
+                for dx in (0, 1):
+                    a = angles[y0 + dy, x0 + dx]
+                    dots[dy, dx] = math.cos(a) * (fx - dx) + math.sin(a) * (fy - dy)
+            u, v = fade(fx), fade(fy)
+            top = dots[0, 0] + u * (dots[0, 1] - dots[0, 0])
+            bottom = dots[1, 0] + u * (dots[1, 1] - dots[1, 0])
+            out[i, j] = math.sqrt(2) * (top + v * (bottom - top))
+    return out
+
+
+def test_batched_perlin_matches_per_pixel_reference() -> None:
+    g = gen(0)
+    angles = torch.rand(2, 9, 9, generator=g) * 2 * math.pi
+    res_y, res_x = torch.tensor([2, 8]), torch.tensor([4, 1])
+    noise = perlin_noise((24, 20), res_y, res_x, angles)
+    assert noise.shape == (2, 1, 24, 20)
+    for b in range(2):
+        ref = _reference_perlin(24, 20, int(res_y[b]), int(res_x[b]), angles[b].numpy())
+        np.testing.assert_allclose(noise[b, 0].numpy(), ref, atol=1e-5)
+
+
+def _exact_membrane(values: np.ndarray, region: np.ndarray) -> np.ndarray:
+    index = -np.ones(region.shape, dtype=int)
+    points = np.argwhere(region)
+    index[region] = np.arange(len(points))
+    rows, cols, data = [], [], []
+    rhs = np.zeros(len(points))
+    for n, (i, j) in enumerate(points):
+        rows.append(n), cols.append(n), data.append(4.0)
+        for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            a, b = i + di, j + dj
+            if region[a, b]:
+                rows.append(n), cols.append(index[a, b]), data.append(-1.0)
+            else:
+                rhs[n] += values[a, b]
+    matrix = sp.csr_matrix((data, (rows, cols)), shape=(len(points), len(points)))
+    out = values.copy()
+    out[region] = spl.spsolve(matrix, rhs)
+    return out
+
+
+def test_membrane_matches_exact_sparse_solve() -> None:
+    g = gen(1)
+    values = F.avg_pool2d(torch.rand(2, 1, 60, 60, generator=g), 7, 1, 3) + 0.05 * torch.rand(2, 1, 60, 60, generator=g)
+    region = torch.zeros(2, 1, 60, 60, dtype=torch.bool)
+    region[0, :, 8:50, 12:55] = True
+    region[1, :, 20:40, 5:30] = True
+    solved = membrane(values, region, sweeps=4)
+    for b in range(2):
+        exact = _exact_membrane(values[b, 0].double().numpy(), region[b, 0].numpy())
+        error = np.abs(solved[b, 0].numpy() - exact)
+        assert error.mean() < 0.005 and error.max() < 0.03
+        assert np.array_equal(solved[b, 0].numpy()[~region[b, 0].numpy()], values[b, 0].numpy()[~region[b, 0].numpy()])
+
+
+def test_seamless_clone_of_identical_images_is_identity_and_removes_offsets() -> None:
+    dst = torch.rand(1, 3, 40, 40, generator=gen(2)) * 0.5
+    region = torch.zeros(1, 1, 40, 40, dtype=torch.bool)
+    region[..., 10:30, 10:30] = True
+    assert torch.allclose(seamless_clone(dst, dst, region), dst, atol=1e-6)
+    # a constant brightness offset has no gradient: cloning it back leaves the destination (up to solver error)
+    assert (seamless_clone(dst, dst + 0.3, region) - dst).abs().max() < 0.02
+
+
+def test_estimate_foreground_finds_objects_and_keeps_textures_whole(object_on_background, photos) -> None:
+    images, truth = object_on_background
+    fg = estimate_foreground(images)
+    iou = (fg & truth).sum((1, 2, 3)).float() / (fg | truth).sum((1, 2, 3)).float()
+    assert (iou > 0.9).all()
+    assert estimate_foreground(photos[:3]).all(), "brick, grass and gravel have no background"
+
+
+def test_auto_foreground_keeps_defects_on_the_object(object_on_background) -> None:
+    from anomalib_synth.synthesizers import get
+
+    images, truth = object_on_background
+    for name in ("perlin", "cutpaste", "nsa"):
+        out = get(name, foreground="auto")(images, generator=gen(3))
+        assert out.labels.all()
+        outside = (out.masks.bool() & ~truth).sum() / out.masks.sum()
+        assert outside < 0.05, name
+
+
+def test_otsu_threshold_splits_two_levels() -> None:
+    values = torch.cat((torch.full((1, 300), 0.2), torch.full((1, 100), 0.8)), dim=1)
+    threshold = float(otsu_threshold(values))
+    assert 0.2 <= threshold < 0.8
+
+
+def test_derangement_is_a_permutation_without_fixed_points() -> None:
+    source = sample_derangement(7, 5, gen(0), "cpu")
+    for column in source.t():
+        assert sorted(column.tolist()) == list(range(7))
+        assert (column != torch.arange(7)).all()
+    assert sample_derangement(1, 2, gen(0), "cpu").tolist() == [[0, 0]]
+
+
+def test_choose_k_of_n_and_sample_points() -> None:
+    gate = choose_k_of_n(50, 7, 3, gen(0), "cpu")
+    assert (gate.sum(1) == 3).all()
+    weights = torch.zeros(3, 10, 10)
+    weights[0, 2, 3] = 1
+    weights[1, 7:, 7:] = 1
+    points = sample_points(weights, torch.tensor([0.5, 0.99, 0.0]))
+    assert points[0].tolist() == [2.0, 3.0]
+    assert (points[1] >= 7).all()
+    assert points[2].tolist() == [0.0, 0.0], "empty weights fall back to a uniform draw"
+
+
+def test_sample_at_equals_dense_grid_sample() -> None:
+    images = torch.rand(3, 2, 12, 16, generator=gen(4))
+    index = torch.tensor([2, 0, 2, 1, 0])
+    sy = torch.tensor([0.5, 3.2, 11.9, 6.0, -2.0])
+    sx = torch.tensor([0.5, 7.7, 15.0, 2.5, 20.0])
+    got = sample_at(images, index, sy, sx)
+    for n in range(5):
+        grid = torch.tensor([[[[sx[n] / 16 * 2 - 1, sy[n] / 12 * 2 - 1]]]])
+        ref = F.grid_sample(images[index[n] : index[n] + 1], grid, padding_mode="border", align_corners=False)
+        assert torch.allclose(got[n], ref.flatten(), atol=1e-6)
+    assert torch.equal(sample_at(images, index.sort().values, sy, sx, presorted=True),
+                       sample_at(images, index.sort().values, sy, sx))  # fmt: skip
+
+
+def test_rotated_rect_mask_area_and_rotation() -> None:
+    centre = torch.tensor([[50.0, 50.0], [50.0, 50.0]])
+    half = torch.tensor([[10.0, 20.0], [10.0, 20.0]])
+    masks = rotated_rect_mask((100, 100), centre, half, torch.tensor([0.0, math.pi / 2]))
+    assert masks[0].sum() == 20 * 40 and abs(int(masks[1].sum()) - 800) <= 2
+    ys, xs = masks[1, 0].nonzero(as_tuple=True)
+    assert int(ys.max() - ys.min()) + 1 == 40, "rotated by 90 degrees, the long side is vertical"
+
+
+def _result(images: torch.Tensor, out: torch.Tensor, masks: torch.Tensor) -> SynthesisResult:
+    return SynthesisResult(images=out, masks=masks.float(), labels=masks.flatten(1).any(1))
+
+
+def test_metrics_on_crafted_values() -> None:
+    images = torch.zeros(2, 3, 10, 10)
+    masks = torch.zeros(2, 1, 10, 10, dtype=torch.bool)
+    masks[:, :, :5] = True  # top half
+    out = images.clone()
+    out[0, :, :5] = 0.4  # sample 0: exactly the mask changed by 0.4
+    out[1, :, :5, :5] = 0.2  # sample 1: a quarter of the image inside the mask ...
+    out[1, :, 9, :] = 0.1  # ... and a background row changed by 0.1
+    result = _result(images, out, masks)
+    psnr = metrics.background_psnr(result, images)
+    assert math.isinf(psnr[0]) and psnr[1] == pytest.approx(10 * math.log10(1 / (0.01 * 10 / 50)), rel=1e-4)
+    assert metrics.anomaly_visibility(result, images).tolist() == pytest.approx([0.4, 0.1])
+    assert metrics.mask_agreement(result, images).tolist() == pytest.approx([1.0, 25 / 60])
+    summary = metrics.summarize(result, images)
+    assert summary["anomalous"] == 1.0 and summary["mask_area"] == pytest.approx(0.5)

@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomalib_synth import generate as generate_module
+from anomalib_synth.cli import main
+from anomalib_synth.generate import generate
+from anomalib_synth.io import builtin_photo, resize, to_uint8
+from anomalib_synth.writer import MANIFEST, MVTecWriter
+
+
+def _files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def normal_folder(tmp_path):
+    folder = tmp_path / "normal"
+    folder.mkdir()
+    for name in ("brick", "gravel", "coffee"):
+        Image.fromarray(to_uint8(resize(builtin_photo(name), (70, 90)))).save(folder / f"{name}.png")
+    return folder
+
+
+def test_list_prints_every_synthesizer(capsys) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("perlin", "cutpaste", "scar", "nsa"):
+        assert name in out
+
+
+def test_generate_writes_mvtec_folder_and_manifest(tmp_path, normal_folder) -> None:
+    out = tmp_path / "out"
+    code = main(["generate", str(normal_folder), str(out), "-s", "cutpaste", "-n", "5", "--size", "48", "64",
+                 "--seed", "3", "--batch-size", "2", "-q", "-o", "num_defects=[1,2]"])  # fmt: skip
+    assert code == 0
+    lines = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+    assert [r["index"] for r in lines] == [0, 1, 2, 3, 4]
+    for record in lines:
+        assert record["label"] is True and record["synthesizer"] == "cutpaste" and record["seed"] == 3
+        assert record["source"].endswith((".png",)) and "params" in record
+        image = np.asarray(Image.open(out / record["image"]))
+        mask = np.asarray(Image.open(out / record["mask"]))
+        assert image.shape == (48, 64, 3) and mask.shape == (48, 64)
+        assert set(np.unique(mask)) == {0, 255}
+    assert (out / "test" / "cutpaste" / "004.png").is_file()
+    assert (out / "ground_truth" / "cutpaste" / "004_mask.png").is_file()
+    # sources are used in turn
+    assert [r["source"].rsplit("/", 1)[-1] for r in lines[:3]] == ["brick.png", "coffee.png", "gravel.png"]
+
+
+def test_generated_mask_marks_the_changed_pixels(tmp_path) -> None:
+    out = tmp_path / "o"
+    generate("builtin:gravel", out, "perlin", num=1, size=(64, 64), progress=False)
+    source = np.asarray(Image.fromarray(to_uint8(resize(builtin_photo("gravel"), (64, 64))))).astype(int)
+    image = np.asarray(Image.open(out / "test/perlin/000.png")).astype(int)
+    mask = np.asarray(Image.open(out / "ground_truth/perlin/000_mask.png")) > 0
+    changed = np.abs(image - source).max(-1) > 0
+    assert not (changed & ~mask).any() and changed[mask].mean() > 0.5
+
+
+def test_same_seed_identical_files_different_seed_different(tmp_path) -> None:
+    kwargs = {"num": 4, "size": (48, 48), "batch_size": 3, "progress": False}
+    generate("builtin:brick,coffee", tmp_path / "a", "nsa", seed=1, **kwargs)
+    generate("builtin:brick,coffee", tmp_path / "b", "nsa", seed=1, **kwargs)
+    generate("builtin:brick,coffee", tmp_path / "c", "nsa", seed=2, **kwargs)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert _files(tmp_path / "a") != _files(tmp_path / "c")
+
+
+def test_interrupted_run_resumes_to_identical_files(tmp_path, monkeypatch) -> None:
+    kwargs = {"num": 6, "size": (40, 40), "batch_size": 2, "seed": 5, "progress": False}
+    generate("builtin:grass,coffee", tmp_path / "full", "perlin", **kwargs)
+
+    calls = {"n": 0}
+    original = MVTecWriter.write
+
+    def dying_write(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # killed in the middle of batch 1
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(MVTecWriter, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        generate("builtin:grass,coffee", tmp_path / "resumed", "perlin", **kwargs)
+    monkeypatch.setattr(MVTecWriter, "write", original)
+    partial = MVTecWriter(tmp_path / "resumed", "perlin").completed()
+    assert sorted(partial) == [0, 1, 2]
+    assert not list((tmp_path / "resumed").rglob("*.tmp*")), "no temporary files are left behind"
+    # a truncated manifest line and a corrupt image are detected and regenerated too
+    with (tmp_path / "resumed" / MANIFEST).open("a") as f:
+        f.write('{"index": 3, "ima')
+    (tmp_path / "resumed" / "test" / "perlin" / "001.png").write_bytes(b"not a png")
+    assert sorted(MVTecWriter(tmp_path / "resumed", "perlin").completed()) == [0, 2]
+    generate("builtin:grass,coffee", tmp_path / "resumed", "perlin", **kwargs)
+    assert _files(tmp_path / "full") == _files(tmp_path / "resumed")
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, capsys) -> None:
+    out = tmp_path / "o"
+    assert main(["generate", "builtin:brick", str(out), "-s", "scar", "-n", "2", "--size", "32", "32", "-q"]) == 0
+    assert main(["generate", "builtin:brick", str(out), "-s", "scar", "-n", "2", "--size", "32", "32", "-q",
+                 "--seed", "9"]) == 2  # fmt: skip
+    assert "different settings (seed)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "MISSING_DIR", "OUT", "-s", "perlin"], "does not exist"),
+        (["generate", "builtin:nope", "OUT", "-s", "perlin"], "unknown builtin photo"),
+        (["generate", "builtin:brick", "OUT", "-s", "nope"], "unknown synthesizer"),
+        (["generate", "builtin:brick", "OUT", "-s", "perlin", "-o", "texture_dir=MISSING_TEX"], "does not exist"),
+        (["generate", "builtin:brick", "OUT", "-s", "perlin", "-o", "beta"], "KEY=VALUE"),
+    ],
+)
+def test_generate_bad_input_gives_clear_error(tmp_path, monkeypatch, capsys, args, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_grayscale_generation(tmp_path) -> None:
+    records = generate("builtin:gravel", tmp_path, "nsa", num=2, size=(32, 32), channels=1, progress=False)
+    assert np.asarray(Image.open(tmp_path / records[0]["image"])).shape == (32, 32)
+
+
+def test_empty_foreground_goes_to_good(tmp_path, monkeypatch) -> None:
+    class Nothing(generate_module.Synthesizer):
+        name = "nothing"
+
+        def sample_params(self, images, fg_masks, generator):
+            return {}
+
+        def apply(self, images, params):
+            return self._result(images, images, torch.zeros_like(images[:, :1], dtype=torch.bool), params, ())
+
+    records = generate("builtin:brick", tmp_path, Nothing(), num=2, size=(32, 32), progress=False)
+    assert [r["image"] for r in records] == ["test/good/000.png", "test/good/001.png"]
+    assert all(r["mask"] is None and r["label"] is False for r in records)
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys) -> None:
+    assert main(["demo", "--output", str(tmp_path), "--size", "64", "-q"]) == 0
+    out = capsys.readouterr().out
+    for name in ("perlin", "cutpaste", "scar", "nsa"):
+        assert name in out
+        assert (tmp_path / name / MANIFEST).is_file()
+    gallery = Image.open(tmp_path / "gallery.png")
+    assert gallery.size[0] > gallery.size[1] > 0
+
+
+def test_console_script_entry_point_runs() -> None:
+    result = subprocess.run([sys.executable, "-m", "anomalib_synth.cli", "list"], capture_output=True, text=True)
+    assert result.returncode == 0 and "perlin" in result.stdout
