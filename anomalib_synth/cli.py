@@ -1,4 +1,5 @@
-"""``anomalib-synth`` command line: ``list``, ``generate`` and ``demo``."""
+"""``anomalib-synth`` command line: ``list``, ``generate``, ``demo``, and anomalib's ``train``/``fit``/``test``/... with
+the plugin imported."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import yaml
+
+
+ANOMALIB_COMMANDS = ("train", "fit", "validate", "test", "predict")
+"""Subcommands handed to anomalib's CLI (with the plugin imported)."""
 
 
 def _parse_options(options: Sequence[str]) -> dict[str, Any]:
@@ -70,11 +75,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_anomalib(args: Sequence[str]) -> int:
+    """Run anomalib's CLI with this plugin imported, so that short names such as ``SyntheticAnomalyDataModule``
+    resolve (``anomalib-synth train --config configs/....yaml`` == ``anomalib train ...`` plus the plugin)."""
+    import anomalib_synth.data  # noqa: F401  (registers the datamodule class for jsonargparse)
+    from anomalib.cli.cli import AnomalibCLI
+    from anomalib.loggers import configure_logger
+
+    configure_logger()
+    AnomalibCLI(list(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalib-synth", description="Synthetic, labelled defects for anomalib (image + mask + label)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for command in ANOMALIB_COMMANDS:
+        sub.add_parser(command, help=f"anomalib {command} with this plugin imported (all arguments go to anomalib)")
 
     p = sub.add_parser("list", help="list the synthesizers")
     p.set_defaults(func=_cmd_list)
@@ -108,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ANOMALIB_COMMANDS:
+        return run_anomalib(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

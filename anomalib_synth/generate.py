@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,21 +88,59 @@ def generate(
         "channels": channels,
     }
     writer.check_run(settings)
+    synthesize_to_folder(
+        synth,
+        writer,
+        lambda ids: images[ids],
+        sources,
+        source_of=lambda i: i % len(images),
+        num=num,
+        seed=seed,
+        batch_size=batch_size,
+        device=dev,
+        progress=progress,
+    )
+    return writer.finalize()
+
+
+def synthesize_to_folder(
+    synth: Synthesizer,
+    writer: MVTecWriter,
+    load: Callable[[list[int]], torch.Tensor],
+    sources: Sequence[str],
+    source_of: Callable[[int], int],
+    num: int,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> None:
+    """Write samples ``0 .. num-1`` that ``writer`` does not have yet; sample ``i`` comes from source ``source_of(i)``.
+
+    The samples are cut into fixed batches of ``batch_size``; batch ``k`` is seeded with :func:`batch_seed` and done
+    by process ``k % world_size``, so the files do not depend on how many processes wrote them or on what was
+    already written. ``load(ids)`` returns the source images ``[len(ids), C, H, W]``.
+    """
     done = writer.completed()
-    n_batches = math.ceil(num / batch_size)
-    with tqdm(total=num, initial=len(done), desc=f"generate {label}", unit="img", disable=not progress) as bar:
-        for batch_index in range(n_batches):
-            ids = [i for i in range(batch_index * batch_size, min(num, (batch_index + 1) * batch_size))]
+    batches = [k for k in range(math.ceil(num / batch_size)) if k % world_size == rank]
+    total = sum(min(batch_size, num - k * batch_size) for k in batches)
+    initial = sum(1 for k in batches for i in range(k * batch_size, min(num, (k + 1) * batch_size)) if i in done)
+    desc = f"synthesize {writer.name}" + (f" [rank {rank}]" if world_size > 1 else "")
+    with tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not progress) as bar:
+        for batch_index in batches:
+            ids = list(range(batch_index * batch_size, min(num, (batch_index + 1) * batch_size)))
             if all(i in done for i in ids):
                 continue
-            index = torch.tensor([i % len(images) for i in ids])
+            source_ids = [source_of(i) for i in ids]
             generator = torch.Generator().manual_seed(batch_seed(seed, batch_index))
-            result = synth(images[index].to(dev), generator=generator)
+            result = synth(load(source_ids).to(device), generator=generator)
             for j, i in enumerate(ids):
                 if i in done:
                     continue
                 record = {
-                    "source": sources[int(index[j])],
+                    "source": sources[source_ids[j]],
                     "synthesizer": synth.name,
                     "seed": seed,
                     "batch": batch_index,
@@ -110,4 +148,3 @@ def generate(
                 }
                 done[i] = writer.write(i, result.images[j], result.masks[j], bool(result.labels[j]), record)
                 bar.update(1)
-    return writer.finalize()

@@ -22,6 +22,42 @@ def _plain(value: Tensor) -> Tensor:
     return value.as_subclass(Tensor) if isinstance(value, tv_tensors.TVTensor) else value
 
 
+def synthesize_batch(
+    synthesizer: Synthesizer,
+    images: Tensor,
+    masks: Tensor | None,
+    labels: Tensor | None,
+    p: float,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Make each normal sample of a batch anomalous with probability ``p``.
+
+    Args:
+        synthesizer: the synthesizer.
+        images: ``[B, C, H, W]`` in ``[0, 1]``.
+        masks: bool ``[B, 1, H, W]`` of existing (real) anomalies, or ``None``.
+        labels: bool ``[B]`` of existing anomalies, or ``None`` (then derived from ``masks``).
+        p: probability per sample.
+        generator: the source of randomness (one ``[B]`` draw for the gate, then the synthesizer's draws).
+
+    Returns:
+        New ``(images, masks, labels)``; samples not drawn, and samples already anomalous, are unchanged.
+    """
+    b, _, h, w = images.shape
+    masks = torch.zeros(b, 1, h, w, dtype=torch.bool, device=images.device) if masks is None else masks.clone()
+    labels = masks.flatten(1).any(1) if labels is None else labels.to(torch.bool).clone()
+    draw = torch.rand(b, generator=generator, device=generator.device).to(images.device) < p
+    index = (draw & ~labels).nonzero().flatten()
+    if index.numel() == 0:
+        return images, masks, labels
+    result = synthesizer(images[index], generator=generator)
+    images = images.clone()
+    images[index] = result.images
+    masks[index] |= result.masks.bool()
+    labels[index] |= result.labels
+    return images, masks, labels
+
+
 class SynthesizeAnomaly(v2.Transform):
     """Turn each sample into a synthetic anomaly with probability ``p``, and say so in its mask and label.
 
@@ -93,23 +129,8 @@ class SynthesizeAnomaly(v2.Transform):
     def synthesize(
         self, images: Tensor, masks: Tensor | None = None, labels: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Batch core: ``images`` ``[B, C, H, W]``, bool ``masks`` ``[B, 1, H, W]`` and ``labels`` ``[B]`` (optional).
-
-        Returns new images, masks and labels; samples not drawn (or already anomalous) are returned unchanged.
-        """
-        b, _, h, w = images.shape
-        masks = torch.zeros(b, 1, h, w, dtype=torch.bool, device=images.device) if masks is None else masks.clone()
-        labels = masks.flatten(1).any(1) if labels is None else labels.to(torch.bool).clone()
-        draw = torch.rand(b, generator=self.generator, device=self.generator.device).to(images.device) < self.p
-        index = (draw & ~labels).nonzero().flatten()
-        if index.numel() == 0:
-            return images, masks, labels
-        result = self.synthesizer(images[index], generator=self.generator)
-        images = images.clone()
-        images[index] = result.images
-        masks[index] |= result.masks.bool()
-        labels[index] |= result.labels
-        return images, masks, labels
+        """Batch core, see :func:`synthesize_batch` (with this transform's synthesizer, ``p`` and generator)."""
+        return synthesize_batch(self.synthesizer, images, masks, labels, self.p, self.generator)
 
     def _tensors(self, image: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         batched = image.ndim == 4

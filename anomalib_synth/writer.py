@@ -5,7 +5,7 @@ Layout under ``root``::
     test/<name>/000.png                anomalous images
     ground_truth/<name>/000_mask.png   their masks (0/255)
     test/good/000.png                  samples the synthesizer left normal (e.g. an empty foreground)
-    manifest.jsonl                     one JSON line per sample
+    manifest.jsonl                     one JSON line per sample (per-process shards while several processes write)
     run.json                           the generation settings; a resumed run must match them
 
 Every file is written to a temporary name and renamed into place, and a sample's manifest line is appended only
@@ -43,11 +43,13 @@ class MVTecWriter:
         digits (int, optional): zero padding of file numbers. Defaults to ``3``.
     """
 
-    def __init__(self, root: str | Path, name: str, digits: int = 3) -> None:
+    def __init__(self, root: str | Path, name: str, digits: int = 3, shard: int | None = None) -> None:
         self.root = Path(root)
         self.name = name
         self.digits = digits
         self.manifest = self.root / MANIFEST
+        # with several processes each appends to its own shard; finalize() merges them
+        self.shard_manifest = self.manifest if shard is None else self.root / f"manifest.rank{shard}.jsonl"
 
     def image_path(self, index: int, label: bool) -> str:
         folder = self.name if label else "good"
@@ -73,10 +75,12 @@ class MVTecWriter:
 
     def completed(self) -> dict[int, dict[str, Any]]:
         """Records of samples whose manifest line is valid and whose files exist and can be read."""
-        if not self.manifest.is_file():
-            return {}
+        lines = []
+        for path in [self.manifest, *sorted(self.root.glob("manifest.rank*.jsonl"))]:
+            if path.is_file():
+                lines += path.read_text(encoding="utf-8").splitlines()
         records: dict[int, dict[str, Any]] = {}
-        for line in self.manifest.read_text(encoding="utf-8").splitlines():
+        for line in lines:
             try:
                 record = json.loads(line)
                 index = int(record["index"])
@@ -108,7 +112,7 @@ class MVTecWriter:
             write_png(self.root / mask_rel, mask)
         full = {"index": index, "image": image_rel, "mask": mask_rel, "label": bool(label), **record}
         self.manifest.parent.mkdir(parents=True, exist_ok=True)
-        with self.manifest.open("a", encoding="utf-8") as f:
+        with self.shard_manifest.open("a", encoding="utf-8") as f:
             f.write(json.dumps(full, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -118,4 +122,6 @@ class MVTecWriter:
         """Rewrite the manifest atomically: one line per completed sample, sorted by index."""
         records = [record for _, record in sorted(self.completed().items())]
         write_text(self.manifest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        for shard in self.root.glob("manifest.rank*.jsonl"):
+            shard.unlink(missing_ok=True)
         return records

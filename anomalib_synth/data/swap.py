@@ -1,0 +1,98 @@
+"""Make detectors that synthesize their own training anomalies (DRAEM, DSR) use any of our synthesizers.
+
+DRAEM calls ``self.augmenter(batch.image)`` and DSR ``self.perlin_generator(image)`` inside ``training_step``; both
+expect anomalib's ``PerlinAnomalyGenerator`` contract: images ``[B, C, H, W]`` in ``[0, 1]`` in, ``(augmented images,
+float masks [B, 1, H, W])`` out. :class:`SynthesizerAugmenter` offers that contract around a :class:`Synthesizer`,
+:func:`swap_augmenter` puts it in place of the model's generator, and the :class:`UseSynthesizer` callback does the
+swap at ``setup``, so that it works from YAML (``trainer.callbacks``) without forking anomalib.
+
+GLASS is not covered: its generator returns a second (dual) mask that our synthesizers do not produce.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+
+from ..synthesizers import Synthesizer, get
+from ..synthesizers.base import make_generator
+from ..transforms import synthesize_batch
+
+AUGMENTER_ATTRIBUTES = ("augmenter", "perlin_generator")
+"""Attributes holding a model's own anomaly generator: DRAEM ``augmenter``, DSR ``perlin_generator``."""
+
+
+class SynthesizerAugmenter(nn.Module):
+    """anomalib ``PerlinAnomalyGenerator`` contract around a :class:`Synthesizer`.
+
+    Args:
+        synthesizer (Synthesizer | str): the synthesizer or its registry name.
+        probability (float): chance that an image is made anomalous (DRAEM's generator: 0.5). Defaults to ``0.5``.
+        seed (int | None): seed of the augmenter's own generator. Defaults to ``None`` (OS entropy).
+    """
+
+    def __init__(self, synthesizer: Synthesizer | str, probability: float = 0.5, seed: int | None = None) -> None:
+        super().__init__()
+        self.synthesizer = get(synthesizer) if isinstance(synthesizer, str) else synthesizer
+        self.probability = float(probability)
+        self.generator = make_generator(seed=seed)
+        self.calls = 0
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        single = images.ndim == 3
+        batch = images.unsqueeze(0) if single else images
+        self.synthesizer.to(batch.device)
+        out, masks, _ = synthesize_batch(self.synthesizer, batch, None, None, self.probability, self.generator)
+        self.calls += 1
+        masks = masks.to(batch.dtype)
+        return (out[0], masks[0]) if single else (out, masks)
+
+
+def swap_augmenter(
+    model: nn.Module, synthesizer: Synthesizer | str, probability: float = 0.5, seed: int | None = None
+) -> str:
+    """Replace ``model``'s own anomaly generator by ``synthesizer``; returns the attribute that was replaced.
+
+    Raises:
+        ValueError: if the model has none of :data:`AUGMENTER_ATTRIBUTES`.
+    """
+    for attribute in AUGMENTER_ATTRIBUTES:
+        if isinstance(getattr(model, attribute, None), nn.Module):
+            setattr(model, attribute, SynthesizerAugmenter(synthesizer, probability, seed))
+            return attribute
+    msg = (
+        f"{type(model).__name__} has no anomaly generator to replace (looked for {', '.join(AUGMENTER_ATTRIBUTES)}); "
+        "models that consume labelled anomalies (e.g. Supersimplenet) take them from SyntheticAnomalyDataModule"
+    )
+    raise ValueError(msg)
+
+
+class UseSynthesizer(Callback):
+    """Lightning callback: at ``setup``, make the model's own anomaly generator one of our synthesizers.
+
+    Example (YAML, under ``trainer:``)::
+
+        callbacks:
+          - class_path: anomalib_synth.data.UseSynthesizer
+            init_args: {synthesizer: cutpaste, probability: 0.5, seed: 0}
+    """
+
+    def __init__(self, synthesizer: Synthesizer | str, probability: float = 0.5, seed: int | None = 0) -> None:
+        super().__init__()
+        self.synthesizer = synthesizer
+        self.probability = probability
+        self.seed = seed
+        self.replaced: str | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        del trainer, stage
+        if self.replaced is None or not isinstance(getattr(pl_module, self.replaced), SynthesizerAugmenter):
+            self.replaced = swap_augmenter(pl_module, self.synthesizer, self.probability, self.seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"replaced": self.replaced}
+
+
+__all__ = ["AUGMENTER_ATTRIBUTES", "SynthesizerAugmenter", "UseSynthesizer", "swap_augmenter"]

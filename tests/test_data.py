@@ -1,0 +1,339 @@
+"""SyntheticAnomalyDataModule: setup, online synthesis, cache, synthetic splits, and real anomalib training."""
+
+from __future__ import annotations
+
+import os
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import ImageBatch
+from tiny_data import folder_datamodule, make_folder_dataset
+
+from anomalib_synth.data import SyntheticAnomalyDataModule, SynthesizerAugmenter, build_cache, swap_augmenter
+from anomalib_synth.data.cache import COMPLETE, cache_key
+from anomalib_synth.synthesizers import get
+from anomalib_synth.writer import MANIFEST, MVTecWriter
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    return make_folder_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def _wrap(root: Path, tmp_path: Path, inner_kwargs=None, **kwargs) -> SyntheticAnomalyDataModule:
+    kwargs.setdefault("cache_dir", str(tmp_path / "cache"))
+    return SyntheticAnomalyDataModule(folder_datamodule(root, **(inner_kwargs or {})), **kwargs)
+
+
+def _paths(dataset) -> list[str]:
+    return sorted(Path(p).name for p in dataset.samples.image_path)
+
+
+def test_forwards_identity_and_picks_shots_reproducibly(tiny_root, tmp_path) -> None:
+    a = _wrap(tiny_root, tmp_path, synthesizer="cutpaste", n_shots=2, seed=1)
+    assert a.name == "tiny" and a.train_batch_size == 4 and a.eval_batch_size == 4
+    a.setup()
+    b = _wrap(tiny_root, tmp_path, synthesizer="cutpaste", n_shots=2, seed=1)
+    b.setup()
+    assert len(a.train_data) == 2 and _paths(a.train_data) == _paths(b.train_data)
+    picks = set()
+    for seed in range(6):
+        c = _wrap(tiny_root, tmp_path, synthesizer="cutpaste", n_shots=1, seed=seed)
+        c.setup()
+        picks.add(_paths(c.train_data)[0])
+    assert len(picks) > 1, "the seed chooses the shots"
+
+
+def test_bad_arguments_raise(tiny_root, tmp_path) -> None:
+    with pytest.raises(ValueError, match="mode"):
+        _wrap(tiny_root, tmp_path, mode="offline")
+    with pytest.raises(ValueError, match="anomaly_ratio"):
+        _wrap(tiny_root, tmp_path, anomaly_ratio=2.0)
+    with pytest.raises(ValueError, match="unknown synthesizer"):
+        _wrap(tiny_root, tmp_path, synthesizer="nope")
+    dm = _wrap(tiny_root, tmp_path, n_shots=50)
+    with pytest.raises(ValueError, match="only 6 normal images"):
+        dm.setup()
+
+
+def test_synthetic_val_from_held_out_images_keeps_real_test_anomalies(tiny_root, tmp_path) -> None:
+    inner_test = folder_datamodule(tiny_root, val_split_mode="none")
+    inner_test.setup()
+    dm = _wrap(tiny_root, tmp_path, inner_kwargs={"val_split_mode": "none"}, synthesizer="nsa", n_shots=1)
+    dm.setup()
+    val = dm.val_data.samples
+    assert (val.label_index == 0).sum() == 5 and (val.label_index == 1).sum() == 5  # 5 held-out + 5 synthetic
+    assert all(Path(p).is_file() for p in val.image_path)  # the visualizer reloads from image_path
+    assert all(Path(p).is_file() for p in val[val.label_index == 1].mask_path)
+    assert not set(val.image_path) & set(dm.train_data.samples.image_path), "val never holds the shot"
+    item = dm.val_data[int((val.label_index == 1).to_numpy().nonzero()[0][0])]
+    assert bool(item.gt_label) and item.gt_mask.any()
+    assert _paths(dm.test_data) == _paths(inner_test.test_data), "real test anomalies are all kept"
+
+
+def test_synthetic_test_adds_anomalies_without_dropping_real_ones(tiny_root, tmp_path) -> None:
+    dm = _wrap(tiny_root, tmp_path, synthesizer="scar", synthetic_test=True, synthetic_val=False)
+    dm.setup()
+    test = dm.test_data.samples
+    real = test[test.image_path.str.contains("defect")]
+    synthetic = test[test.image_path.str.contains("cache")]
+    assert len(real) == 1 + 0 or len(real) >= 1
+    assert len(synthetic) == (test.label_index == 0).sum()  # one per normal test image
+    inner = folder_datamodule(tiny_root)
+    inner.setup()
+    assert len(real) == int(inner.test_data.samples.label_index.sum())
+
+
+def _batch(dm: SyntheticAnomalyDataModule, n: int = 4) -> ImageBatch:
+    return ImageBatch.collate([dm.train_data[i % len(dm.train_data)] for i in range(n)])
+
+
+def test_online_synthesis_sets_labels_and_masks_reproducibly(tiny_root, tmp_path) -> None:
+    dm = _wrap(tiny_root, tmp_path, synthesizer="cutpaste", anomaly_ratio=1.0, synthetic_val=False)
+    dm.setup()
+    batch = _batch(dm)
+    out = dm.synthesize_train_batch(batch, epoch=0)
+    assert out.gt_label.all() and out.gt_mask.shape == (4, 64, 64) and out.gt_mask.flatten(1).any(1).all()
+    outside = ~out.gt_mask.unsqueeze(1).expand_as(out.image)
+    assert torch.equal(out.image[outside], batch.image[outside])
+    again = _wrap(tiny_root, tmp_path, synthesizer="cutpaste", anomaly_ratio=1.0, synthetic_val=False)
+    again.setup()
+    assert torch.equal(again.synthesize_train_batch(batch, epoch=0).image, out.image), "seed + epoch + batch"
+    second_batch = dm.synthesize_train_batch(batch, epoch=0)
+    next_epoch = dm.synthesize_train_batch(batch, epoch=1)
+    assert not torch.equal(second_batch.gt_mask, out.gt_mask) and not torch.equal(next_epoch.gt_mask, out.gt_mask)
+
+
+def test_online_keeps_real_anomalies_and_respects_ratio(tiny_root, tmp_path) -> None:
+    dm = _wrap(tiny_root, tmp_path, synthesizer="perlin", anomaly_ratio=0.0, synthetic_val=False)
+    dm.setup()
+    batch = _batch(dm)
+    real_mask = torch.zeros(4, 64, 64, dtype=torch.bool)
+    real_mask[0, :8, :8] = True
+    batch = batch.update(in_place=False, gt_mask=real_mask, gt_label=torch.tensor([True, False, False, False]))
+    out = dm.synthesize_train_batch(batch, epoch=0)
+    assert torch.equal(out.image, batch.image) and out.gt_label.tolist() == [True, False, False, False]
+    dm.anomaly_ratio = 1.0
+    out = dm.synthesize_train_batch(batch, epoch=0)
+    assert out.gt_label.all() and torch.equal(out.gt_mask[0], real_mask[0]) and torch.equal(out.image[0], batch.image[0])
+
+
+def test_online_synthesis_only_while_training(tiny_root, tmp_path) -> None:
+    dm = _wrap(tiny_root, tmp_path, synthesizer="scar", anomaly_ratio=1.0, synthetic_val=False)
+    dm.setup()
+    batch = _batch(dm)
+    dm.trainer = types.SimpleNamespace(training=False, current_epoch=0, global_rank=0)
+    assert dm.on_after_batch_transfer(batch, 0) is batch
+    dm.trainer.training = True
+    assert dm.on_after_batch_transfer(batch, 0).gt_label.all()
+    dm.mode = "cache"
+    assert dm.on_after_batch_transfer(batch, 0) is batch
+
+
+def test_cache_mode_serves_cached_anomalies_and_reuses_them(tiny_root, tmp_path) -> None:
+    dm = _wrap(tiny_root, tmp_path, synthesizer="cutpaste", mode="cache", n_shots=2, variants_per_image=3,
+               synthetic_val=False, image_size=(48, 48))  # fmt: skip
+    dm.setup()
+    samples = dm.train_data.samples
+    assert (samples.label_index == 0).sum() == 2 and (samples.label_index == 1).sum() == 6
+    entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and (entries[0] / COMPLETE).is_file() and (entries[0] / MANIFEST).is_file()
+    item = dm.train_data[int((samples.label_index == 1).to_numpy().nonzero()[0][0])]
+    assert bool(item.gt_label) and item.gt_mask.any() and item.image.shape[-2:] == (48, 48)
+    stamps = {p: p.stat().st_mtime_ns for p in entries[0].rglob("*.png")}
+    again = _wrap(tiny_root, tmp_path, synthesizer="cutpaste", mode="cache", n_shots=2, variants_per_image=3,
+                  synthetic_val=False, image_size=(48, 48))  # fmt: skip
+    again.setup()
+    assert stamps == {p: p.stat().st_mtime_ns for p in entries[0].rglob("*.png")}, "reused, not rewritten"
+    changed = _wrap(tiny_root, tmp_path, synthesizer="cutpaste", mode="cache", n_shots=2, variants_per_image=2,
+                    synthetic_val=False, image_size=(48, 48))  # fmt: skip
+    changed.setup()
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2, "a new config gets a new entry"
+
+
+def _sources(root: Path) -> list[str]:
+    return sorted(str(p) for p in (root / "good").glob("*.png"))
+
+
+def test_cache_resumes_and_regenerates_corrupt_entries(tiny_root, tmp_path, monkeypatch) -> None:
+    synth = get("nsa")
+    kwargs = {"variants": 2, "seed": 3, "size": (40, 40), "batch_size": 4, "progress": False}
+    full, _ = build_cache(synth, _sources(tiny_root), tmp_path / "full", **kwargs)
+
+    original, calls = MVTecWriter.write, {"n": 0}
+
+    def dying(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(MVTecWriter, "write", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(synth, _sources(tiny_root), tmp_path / "partial", **kwargs)
+    monkeypatch.setattr(MVTecWriter, "write", original)
+    partial = tmp_path / "partial" / full.name
+    assert not (partial / COMPLETE).exists()
+    root, records = build_cache(synth, _sources(tiny_root), tmp_path / "partial", **kwargs)
+    assert len(records) == 12
+    (root / records[0]["image"]).write_bytes(b"\x89PNG broken")
+    root, records = build_cache(synth, _sources(tiny_root), tmp_path / "partial", **kwargs)
+    assert len(records) == 12
+    for a, b in zip(sorted(full.rglob("*.png")), sorted(root.rglob("*.png")), strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, sources: list[str], cache: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        writes = []
+        original = MVTecWriter.write
+
+        def spy(self, index, *args, **kwargs):
+            writes.append(index)
+            return original(self, index, *args, **kwargs)
+
+        MVTecWriter.write = spy
+        root, records = build_cache(get("cutpaste"), sources, cache, variants=3, size=(32, 32), batch_size=2,
+                                    progress=False)  # fmt: skip
+        (Path(cache) / f"writes{rank}.txt").write_text(",".join(map(str, writes)))
+        assert len(records) == len(sources) * 3
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_cache_is_sharded_over_two_gloo_processes(tiny_root, tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    sources = _sources(tiny_root)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), sources, str(tmp_path / "ddp")), nprocs=2, join=True)
+    writes = [set(map(int, (tmp_path / "ddp" / f"writes{r}.txt").read_text().split(","))) for r in (0, 1)]
+    assert writes[0] and writes[1] and not writes[0] & writes[1], "each rank writes a disjoint shard"
+    assert writes[0] | writes[1] == set(range(len(sources) * 3))
+    single, _ = build_cache(get("cutpaste"), sources, tmp_path / "single", variants=3, size=(32, 32), batch_size=2,
+                            progress=False)  # fmt: skip
+    shared = tmp_path / "ddp" / single.name
+    assert (shared / MANIFEST).is_file() and not list(shared.glob("manifest.rank*"))
+    for a, b in zip(sorted(single.rglob("*.png")), sorted(shared.rglob("*.png")), strict=True):
+        assert a.read_bytes() == b.read_bytes(), "sharded build == single-process build"
+
+
+def test_cache_key_changes_with_every_setting(tiny_root) -> None:
+    sources = _sources(tiny_root)
+    base = cache_key(get("nsa"), sources, 1, 0, (64, 64))
+    assert base == cache_key(get("nsa"), sources, 1, 0, (64, 64))
+    others = {
+        cache_key(get("nsa", scale=(0.5, 1.0)), sources, 1, 0, (64, 64)),
+        cache_key(get("cutpaste"), sources, 1, 0, (64, 64)),
+        cache_key(get("nsa"), sources[:-1], 1, 0, (64, 64)),
+        cache_key(get("nsa"), sources, 2, 0, (64, 64)),
+        cache_key(get("nsa"), sources, 1, 1, (64, 64)),
+        cache_key(get("nsa"), sources, 1, 0, (32, 32)),
+    }
+    assert base not in others and len(others) == 6
+
+
+def test_synthesizer_augmenter_follows_anomalib_generator_contract() -> None:
+    augmenter = SynthesizerAugmenter("cutpaste", probability=1.0, seed=0)
+    images = torch.rand(3, 3, 32, 32)
+    out, masks = augmenter(images)
+    assert out.shape == images.shape and masks.shape == (3, 1, 32, 32) and masks.dtype == images.dtype
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
+    single, mask = augmenter(images[0])
+    assert single.shape == (3, 32, 32) and mask.shape == (1, 32, 32)
+    with pytest.raises(ValueError, match="no anomaly generator"):
+        swap_augmenter(torch.nn.Linear(2, 2), "perlin")
+
+
+# --- real anomalib training (slow) ----------------------------------------------------------------------------------
+
+
+def _engine(tmp_path: Path, **kwargs):
+    from anomalib.engine import Engine
+
+    return Engine(max_epochs=1, accelerator="cpu", default_root_dir=str(tmp_path / "results"), logger=False, **kwargs)
+
+
+def _resize(size: int, normalize: bool = True):
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    steps = [Resize((size, size))]
+    if normalize:
+        steps.append(Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
+    return PreProcessor(transform=Compose(steps))
+
+
+class _BatchSpy:
+    """Records the labels of the training batches the model sees (after our hook, before the PreProcessor)."""
+
+    def __init__(self) -> None:
+        from lightning.pytorch import Callback
+
+        spy = self
+
+        class Spy(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                spy.labels.append(batch.gt_label.clone())
+                spy.mean.append(float(batch.image.mean()))
+
+        self.labels: list[torch.Tensor] = []
+        self.mean: list[float] = []
+        self.callback = Spy()
+
+
+@pytest.mark.slow
+def test_supersimplenet_trains_on_online_anomalies(tiny_root, tmp_path, monkeypatch) -> None:
+    import timm
+    from anomalib.models import Supersimplenet
+
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: create(*a, **{**k, "pretrained": False}))
+    dm = _wrap(tiny_root, tmp_path, synthesizer="perlin", anomaly_ratio=0.5, seed=0)
+    spy = _BatchSpy()
+    engine = _engine(tmp_path, callbacks=[spy.callback])
+    model = Supersimplenet(backbone="resnet18", layers=["layer1", "layer2"], supervised=True, pre_processor=_resize(64))
+    engine.fit(model=model, datamodule=dm)
+    labels = torch.cat(spy.labels)
+    assert labels.any() and not labels.all(), "about half of the training samples are anomalous"
+    results = engine.test(model=model, datamodule=dm)
+    assert "image_AUROC" in results[0]
+
+
+@pytest.mark.slow
+def test_draem_uses_our_synthesizer_via_callback(tiny_root, tmp_path) -> None:
+    from anomalib.models import Draem
+
+    from anomalib_synth.data import UseSynthesizer
+
+    (tmp_path / "dtd").mkdir()
+    callback = UseSynthesizer("nsa", probability=0.5, seed=0)
+    model = Draem(dtd_dir=str(tmp_path / "dtd"), pre_processor=_resize(64, normalize=False))
+    engine = _engine(tmp_path, callbacks=[callback])
+    engine.fit(model=model, datamodule=folder_datamodule(tiny_root))
+    assert callback.replaced == "augmenter"
+    assert isinstance(model.augmenter, SynthesizerAugmenter) and model.augmenter.calls >= 1
+    assert model.augmenter.synthesizer.name == "nsa"
+
+
+@pytest.mark.slow
+def test_patchcore_one_shot_with_synthetic_validation(tiny_root, tmp_path) -> None:
+    from anomalib.models import Patchcore
+
+    dm = _wrap(tiny_root, tmp_path, inner_kwargs={"val_split_mode": "none"}, synthesizer="cutpaste", n_shots=1)
+    model = Patchcore(backbone="resnet18", layers=["layer2", "layer3"], pre_trained=False,
+                      coreset_sampling_ratio=1.0, pre_processor=_resize(64))  # fmt: skip
+    engine = _engine(tmp_path)
+    engine.fit(model=model, datamodule=dm)
+    assert len(dm.train_data) == 1 and dm.val_data.has_anomalous
+    # anomalib's adaptive threshold needs anomalous validation samples: the synthetic ones give it a value
+    assert bool(model.post_processor.image_threshold.isfinite())
+    results = engine.test(model=model, datamodule=dm)
+    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
