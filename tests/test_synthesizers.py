@@ -26,7 +26,7 @@ NAMES = sorted(available())
 
 
 def test_registry_lists_every_classical_synthesizer() -> None:
-    assert {"perlin", "cutpaste", "scar", "nsa"} <= set(NAMES)
+    assert {"perlin", "cutpaste", "scar", "nsa", "anomalib-perlin"} <= set(NAMES)
     assert all(description for description in available().values())
     assert isinstance(get("perlin", beta=(0.5, 1.0)), PerlinSynthesizer)
     assert get("scar").mode == "scar"
@@ -123,7 +123,8 @@ def test_masks_stay_inside_given_foreground(name: str, photos: torch.Tensor) -> 
     fg[:, :, 20:70, 30:80] = True
     out = get(name)(photos, fg_masks=fg, generator=gen(9))
     assert not (out.masks.bool() & ~fg).any()
-    assert out.labels.all()
+    if name != "anomalib-perlin":  # the baseline knows no foreground: its mask is only cut to it, may end up empty
+        assert out.labels.all()
 
 
 def test_empty_foreground_gives_normal_samples(photos: torch.Tensor) -> None:

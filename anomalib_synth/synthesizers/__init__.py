@@ -2,9 +2,10 @@
 
 >>> from anomalib_synth import synthesizers
 >>> sorted(synthesizers.available())
-['cutpaste', 'nsa', 'perlin', 'scar']
+['anomalib-perlin', 'cutpaste', 'nsa', 'perlin', 'scar']
 """
 
+from .anomalib_perlin import AnomalibPerlinSynthesizer
 from .base import Params, SynthesisResult, Synthesizer, make_generator
 from .cutpaste import CutPasteSynthesizer
 from .nsa import NSASynthesizer
@@ -24,6 +25,7 @@ class ScarSynthesizer(CutPasteSynthesizer):
 
 
 __all__ = [
+    "AnomalibPerlinSynthesizer",
     "CutPasteSynthesizer",
     "NSASynthesizer",
     "Params",

@@ -1,0 +1,87 @@
+"""anomalib's own ``PerlinAnomalyGenerator`` as a :class:`Synthesizer`: the baseline every comparison is made against.
+
+It is what anomalib users have today (DRAEM, DSR, GLASS and ``val_split_mode="synthetic"`` use it), so it runs
+unchanged: images are processed one at a time by anomalib's code, which draws from the *global* torch RNG. To keep
+this package's rule that a ``torch.Generator`` is the only source of randomness, :meth:`sample_params` draws one seed
+from the generator and :meth:`apply` runs anomalib's generator inside ``torch.random.fork_rng`` seeded with it: the
+caller's global RNG state is untouched and the same generator gives the same output.
+
+Grayscale images are expanded to 3 channels for anomalib's colour augmentations and converted back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Params, SynthesisResult, Synthesizer
+from .ops import randint, to_grayscale
+from .registry import register
+from .validation import check_range
+
+
+@register("anomalib-perlin")
+class AnomalibPerlinSynthesizer(Synthesizer):
+    """anomalib's ``PerlinAnomalyGenerator(probability=1.0)`` wrapped as a synthesizer (the baseline).
+
+    Args:
+        texture_dir (str | Path | None, optional): anomaly-source folder (anomalib's ``anomaly_source_path``);
+            ``None`` uses anomalib's Perlin-noise source. Defaults to ``None``.
+        beta (tuple[float, float], optional): anomalib's ``blend_factor``. Defaults to ``(0.2, 1.0)``.
+        rotation (tuple[float, float], optional): anomalib's ``rotation_range``. Defaults to ``(-90, 90)``.
+    """
+
+    description = "anomalib's PerlinAnomalyGenerator (per-image loop, global RNG isolated): the baseline"
+    _param_keys = ("seed",)
+
+    def __init__(
+        self,
+        texture_dir: str | Path | None = None,
+        beta: tuple[float, float] = (0.2, 1.0),
+        rotation: tuple[float, float] = (-90.0, 90.0),
+    ) -> None:
+        super().__init__()
+        from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+
+        from ..io import list_images
+
+        if texture_dir is not None:
+            list_images(texture_dir)  # a clear error for a missing or empty folder
+        self.texture_dir = None if texture_dir is None else str(texture_dir)
+        self.beta = check_range("beta", beta, 0.0, 1.0)
+        self.rotation = check_range("rotation", rotation, -360.0, 360.0)
+        with torch.random.fork_rng(devices=[]):  # anomalib draws its solarize threshold at construction
+            torch.manual_seed(0)
+            self.generator = PerlinAnomalyGenerator(
+                anomaly_source_path=self.texture_dir,
+                probability=1.0,
+                blend_factor=self.beta,
+                rotation_range=self.rotation,
+            )
+
+    def config(self) -> dict[str, Any]:
+        return {"texture_dir": self.texture_dir, "beta": list(self.beta), "rotation": list(self.rotation)}
+
+    def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
+        params = {"seed": randint(0, 2**62, (images.shape[0],), generator, "cpu")}
+        if fg_masks is not None:
+            params["fg"] = fg_masks
+        return params
+
+    def apply(self, images: Tensor, params: Params) -> SynthesisResult:
+        x = images.float()
+        gray = x.shape[1] == 1
+        rgb = x.expand(-1, 3, -1, -1) if gray else x
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(params["seed"][0]))
+            out, masks = self.generator(rgb)
+        masks = masks > 0.5
+        if "fg" in params:  # anomalib knows no foreground: cut its mask to it
+            masks &= params["fg"]
+        out = to_grayscale(out) if gray else out
+        out = torch.where(masks, out.clamp(0, 1), x)
+        return self._result(images, out, masks, params, self._param_keys)
