@@ -7,6 +7,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -75,6 +76,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import EvalConfig, evaluate
+
+    def split(text: str) -> list[str]:
+        return [t for t in text.split(",") if t]
+
+    budgets = {}
+    for protocol in split(args.protocol):
+        budget = {}
+        if args.steps is not None:
+            budget["steps"] = args.steps
+        if args.batch_size is not None:
+            budget["batch_size"] = args.batch_size
+        budgets[protocol] = budget
+    config = EvalConfig(
+        data_root=args.data_root,
+        categories=split(args.categories),
+        synthesizers=split(args.synthesizers),
+        protocols=split(args.protocol),
+        seeds=[int(s) for s in split(args.seeds)],
+        shots=args.shots,
+        image_size=args.image_size,
+        texture_dir=args.texture_dir,
+        budgets=budgets,
+        model=args.model,
+        model_args=_parse_options(args.model_arg),
+        workers=args.workers,
+    )
+    start = time.perf_counter()
+    evaluate(config, args.output, progress=not args.quiet)
+    print((Path(args.output) / "results.md").read_text())
+    print(f"results in {args.output} ({time.perf_counter() - start:.0f}s)")
+    return 0
+
+
 def run_anomalib(args: Sequence[str]) -> int:
     """Run anomalib's CLI with this plugin imported, so that short names such as ``SyntheticAnomalyDataModule``
     resolve (``anomalib-synth train --config configs/....yaml`` == ``anomalib train ...`` plus the plugin)."""
@@ -114,6 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthesizer argument, e.g. -o beta=[0.5,1.0] -o texture_dir=dtd/images")  # fmt: skip
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("evaluate", help="k-shot evaluation on real defects (MVTec layout)")
+    p.add_argument("--data-root", required=True, help="folder holding <category>/train/good, test/, ground_truth/")
+    p.add_argument("--categories", required=True, help="comma-separated, e.g. bottle,grid")
+    p.add_argument("--synthesizers", default="anomalib-perlin,perlin,cutpaste,nsa")
+    p.add_argument("--protocol", default="segmentation", help="segmentation, draem, anomalib (comma-separated)")
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--texture-dir", default=None, help="anomaly-source textures for every synthesizer that takes one")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default per protocol)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--model", default="anomalib.models.Patchcore", help="anomalib protocol: model class path")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="run every classical synthesizer on builtin photos; write folders and a gallery")
     p.add_argument("--output", default="anomalib_synth_demo", help="default ./anomalib_synth_demo")

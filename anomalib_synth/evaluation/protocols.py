@@ -1,0 +1,229 @@
+"""Evaluation protocols: each turns k normal shots (+ a synthesizer) into anomaly maps of the real test images.
+
+- ``segmentation`` (AnomalyDiffusion / AnomalyXFusion protocol): a compact U-Net is trained from scratch on
+  (synthetic image, mask) pairs made from the shots (each sample anomalous with probability ``anomaly_ratio``), with
+  BCE + Dice, AdamW, a fixed number of steps. Its sigmoid map is the anomaly map.
+- ``draem``: anomalib's ``Draem`` trained through the ``Engine`` on the shots for a fixed number of steps, with its
+  built-in generator swapped for the synthesizer under test (:class:`~anomalib_synth.data.UseSynthesizer`);
+  ``anomalib-perlin`` leaves DRAEM stock (its own generator, given the same textures).
+- ``anomalib``: any anomalib model (class path + init args) trained through
+  :class:`~anomalib_synth.data.SyntheticAnomalyDataModule` on the shots (online synthesis; synthetic validation for
+  one-class models); ``none`` trains it without synthesis.
+
+Controls, trained on nothing synthetic: ``control-untrained`` (the protocol's network, initialised, not trained)
+and ``control-shot-diff`` (the blurred absolute difference to the nearest shot image).
+"""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..synthesizers import Synthesizer, get
+from ..transforms import synthesize_batch
+from .unet import UNet
+
+CONTROLS = ("control-untrained", "control-shot-diff")
+PROTOCOLS = ("segmentation", "draem", "anomalib")
+
+
+@dataclass
+class Budget:
+    """Training budget, the same for every synthesizer of a protocol."""
+
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    anomaly_ratio: float = 0.5
+
+
+def make_synthesizer(name: str, texture_dir: str | None, **kwargs: Any) -> Synthesizer:
+    """Build ``name``, giving ``texture_dir`` to every synthesizer that takes an anomaly source."""
+    if texture_dir is not None and name in ("perlin", "anomalib-perlin"):
+        kwargs.setdefault("texture_dir", texture_dir)
+    return get(name, **kwargs)
+
+
+def _predict(net: torch.nn.Module, images: Tensor, batch_size: int = 16) -> Tensor:
+    net.eval()
+    with torch.no_grad():
+        return torch.cat([torch.sigmoid(net(images[i : i + batch_size]))[:, 0] for i in range(0, len(images), batch_size)])
+
+
+def dice_loss(probabilities: Tensor, target: Tensor) -> Tensor:
+    inter = (probabilities * target).sum((1, 2, 3))
+    total = probabilities.sum((1, 2, 3)) + target.sum((1, 2, 3))
+    return (1 - (2 * inter + 1) / (total + 1)).mean()
+
+
+def segmentation(
+    shots: Tensor, test_images: Tensor, synthesizer: Synthesizer | None, seed: int, budget: Budget
+) -> tuple[Tensor, list[float]]:
+    """Train a U-Net on synthetic pairs from ``shots`` (``None``: untrained control); maps ``[N, H, W]`` and losses."""
+    torch.manual_seed(seed)
+    net = UNet()
+    losses: list[float] = []
+    if synthesizer is not None:
+        generator = torch.Generator().manual_seed(seed)
+        optimiser = torch.optim.AdamW(net.parameters(), lr=budget.lr, weight_decay=1e-4)
+        net.train()
+        for _ in range(budget.steps):
+            index = torch.randint(len(shots), (budget.batch_size,), generator=generator)
+            images, masks, _ = synthesize_batch(synthesizer, shots[index], None, None, budget.anomaly_ratio, generator)
+            target = masks.float()
+            logits = net(images)
+            loss = F.binary_cross_entropy_with_logits(logits, target) + dice_loss(torch.sigmoid(logits), target)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss))
+    return _predict(net, test_images), losses
+
+
+def shot_difference(shots: Tensor, test_images: Tensor, sigma: float = 2.0) -> Tensor:
+    """Blurred mean absolute difference of each test image to its nearest shot (the ``control-shot-diff`` row)."""
+    from kornia.filters import gaussian_blur2d
+
+    k = 2 * round(3 * sigma) + 1
+    maps = []
+    for image in test_images:
+        diff = (image[None] - shots).abs().mean(1, keepdim=True)  # [k, 1, H, W]
+        nearest = diff.mean((1, 2, 3)).argmin()
+        maps.append(gaussian_blur2d(diff[nearest : nearest + 1], (k, k), (sigma, sigma))[0, 0])
+    return torch.stack(maps)
+
+
+def _samples_dataset(paths: list[str], split: str):
+    from anomalib.data.datasets.base import AnomalibDataset
+
+    dataset = AnomalibDataset()
+    samples = pd.DataFrame({"image_path": paths, "label": "normal", "label_index": 0, "mask_path": "", "split": split})
+    samples.attrs["task"] = "segmentation"
+    dataset.samples = samples
+    return dataset
+
+
+def shots_datamodule(shot_paths: list[Path], repeats: int, batch_size: int):
+    """An anomalib datamodule whose training set is the shots repeated ``repeats`` times (no validation)."""
+    from anomalib.data import AnomalibDataModule
+
+    class Shots(AnomalibDataModule):
+        def _setup(self, _stage: str | None = None) -> None:
+            paths = [str(p) for p in shot_paths] * repeats
+            self.train_data = _samples_dataset(paths, "train")
+            self.test_data = _samples_dataset([str(p) for p in shot_paths], "test")
+
+        def _create_test_split(self) -> None:  # the real test set is scored outside anomalib
+            pass
+
+        def val_dataloader(self):  # noqa: ANN202
+            return []
+
+        @property
+        def name(self) -> str:
+            return "shots"
+
+    return Shots(train_batch_size=batch_size, eval_batch_size=batch_size, num_workers=0)
+
+
+def _anomaly_maps(model: torch.nn.Module, images: Tensor, size: tuple[int, int], batch_size: int = 8) -> Tensor:
+    model.eval()
+    maps = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            out = model(images[i : i + batch_size]).anomaly_map
+            out = out.reshape(out.shape[0], 1, *out.shape[-2:]).float()
+            maps.append(F.interpolate(out, size=size, mode="bilinear", align_corners=False)[:, 0])
+    return torch.cat(maps)
+
+
+def _engine(workdir: Path, budget: Budget, callbacks: list) -> Any:
+    from anomalib.engine import Engine
+
+    return Engine(max_steps=budget.steps, max_epochs=-1, accelerator="cpu", logger=False,
+                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(workdir),
+                  callbacks=callbacks, num_sanity_val_steps=0)  # fmt: skip
+
+
+def _resize_only(size: tuple[int, int]):
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Resize
+
+    return PreProcessor(transform=Resize(size))
+
+
+def draem(
+    shot_paths: list[Path],
+    test_images: Tensor,
+    synthesizer: str,
+    seed: int,
+    budget: Budget,
+    size: tuple[int, int],
+    texture_dir: str | None,
+    train: bool = True,
+) -> Tensor:
+    """Train anomalib's DRAEM on the shots with ``synthesizer`` as its generator; maps of ``test_images``."""
+    from anomalib.models import Draem
+    from lightning.pytorch import seed_everything
+
+    from ..data import UseSynthesizer
+
+    seed_everything(seed, workers=True, verbose=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        dtd = texture_dir or str(Path(tmp) / "empty-dtd")
+        Path(dtd).mkdir(exist_ok=True)
+        model = Draem(dtd_dir=dtd, pre_processor=_resize_only(size))
+        if not train:
+            return _anomaly_maps(model, test_images, size)
+        callbacks = []
+        if synthesizer != "anomalib-perlin":
+            callbacks.append(UseSynthesizer(make_synthesizer(synthesizer, texture_dir), probability=0.5, seed=seed))
+        datamodule = shots_datamodule(shot_paths, repeats=budget.batch_size, batch_size=budget.batch_size)
+        _engine(Path(tmp), budget, callbacks).fit(model=model, datamodule=datamodule)
+        return _anomaly_maps(model, test_images, size)
+
+
+def _build_model(model: str, init_args: dict[str, Any], size: tuple[int, int]):
+    module, _, name = model.rpartition(".")
+    cls = getattr(importlib.import_module(module or "anomalib.models"), name)
+    return cls(**init_args)
+
+
+def anomalib_model(
+    shot_paths: list[Path],
+    test_images: Tensor,
+    synthesizer: str,
+    seed: int,
+    budget: Budget,
+    size: tuple[int, int],
+    texture_dir: str | None,
+    model: str = "anomalib.models.Patchcore",
+    init_args: dict[str, Any] | None = None,
+    train: bool = True,
+) -> Tensor:
+    """Train any anomalib model through :class:`SyntheticAnomalyDataModule` (``synthesizer="none"``: plain)."""
+    from lightning.pytorch import seed_everything
+
+    from ..data import SyntheticAnomalyDataModule
+
+    seed_everything(seed, workers=True, verbose=False)
+    net = _build_model(model, dict(init_args or {}), size)
+    if not train:
+        return _anomaly_maps(net, test_images, size)
+    with tempfile.TemporaryDirectory() as tmp:
+        datamodule = shots_datamodule(shot_paths, repeats=budget.batch_size, batch_size=budget.batch_size)
+        if synthesizer != "none":
+            datamodule = SyntheticAnomalyDataModule(
+                datamodule, make_synthesizer(synthesizer, texture_dir), anomaly_ratio=budget.anomaly_ratio,
+                synthetic_val=True, cache_dir=str(Path(tmp) / "cache"), seed=seed, image_size=size,
+            )  # fmt: skip
+        _engine(Path(tmp), budget, []).fit(model=net, datamodule=datamodule)
+        return _anomaly_maps(net, test_images, size)
