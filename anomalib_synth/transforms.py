@@ -50,6 +50,7 @@ def synthesize_batch(
     index = (draw & ~labels).nonzero().flatten()
     if index.numel() == 0:
         return images, masks, labels
+    synthesizer.to(images.device)  # a no-op when it is already there
     result = synthesizer(images[index], generator=generator)
     images = images.clone()
     images[index] = result.images
@@ -113,6 +114,11 @@ class SynthesizeAnomaly(v2.Transform):
         self.generator = make_generator(seed=seed)
 
     def forward(self, *inputs: Any) -> Any:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and getattr(self, "_worker", None) != worker.id:
+            # each DataLoader worker holds a copy of the generator: give each its own stream
+            self.generator.manual_seed(worker.seed % (2**63))
+            self._worker = worker.id
         sample = inputs[0] if len(inputs) == 1 else inputs
         if is_dataclass(sample) and hasattr(sample, "image") and hasattr(sample, "gt_mask"):
             return self._item(sample)

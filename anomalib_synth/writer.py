@@ -112,8 +112,13 @@ class MVTecWriter:
             write_png(self.root / mask_rel, mask)
         full = {"index": index, "image": image_rel, "mask": mask_rel, "label": bool(label), **record}
         self.manifest.parent.mkdir(parents=True, exist_ok=True)
+        prefix = ""
+        if self.shard_manifest.is_file() and self.shard_manifest.stat().st_size:
+            with self.shard_manifest.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                prefix = "" if f.read(1) == b"\n" else "\n"  # a line cut short by an interruption stays separate
         with self.shard_manifest.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(full, sort_keys=True) + "\n")
+            f.write(prefix + json.dumps(full, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
         return full

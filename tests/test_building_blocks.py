@@ -35,7 +35,7 @@ def _reference_perlin(h: int, w: int, ry: int, rx: int, angles: np.ndarray) -> n
     out = np.zeros((h, w))
     for i in range(h):
         for j in range(w):
-            y, x = i / h * ry, j / w * rx
+            y, x = (i + 0.5) / h * ry, (j + 0.5) / w * rx
             y0, x0 = int(y), int(x)
             fy, fx = y - y0, x - x0
             dots = {}

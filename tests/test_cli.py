@@ -161,3 +161,14 @@ def test_demo_runs_end_to_end(tmp_path, capsys) -> None:
 def test_console_script_entry_point_runs() -> None:
     result = subprocess.run([sys.executable, "-m", "anomalib_synth.cli", "list"], capture_output=True, text=True)
     assert result.returncode == 0 and "perlin" in result.stdout
+
+
+def test_truncated_manifest_line_does_not_swallow_the_next_sample(tmp_path) -> None:
+    kwargs = {"num": 4, "size": (32, 32), "batch_size": 2, "progress": False}
+    generate("builtin:brick", tmp_path, "scar", **kwargs)
+    manifest = tmp_path / MANIFEST
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])  # sample 2's line cut short, no newline
+    (tmp_path / "test" / "scar" / "003.png").unlink()
+    records = generate("builtin:brick", tmp_path, "scar", **kwargs)
+    assert [r["index"] for r in records] == [0, 1, 2, 3]

@@ -235,3 +235,70 @@ def test_synthesizer_is_a_plain_module_that_moves_with_to() -> None:
     assert isinstance(synth, Synthesizer) and isinstance(synth, torch.nn.Module)
     assert synth.to("cpu") is synth
     assert "beta=" in repr(synth)
+
+
+def test_nsa_takes_the_patch_from_the_recorded_donor_at_the_recorded_place() -> None:
+    # image i: vertical stripes of its own frequency. Poisson blending keeps the donor's gradients, so inside the
+    # region the horizontal gradient must match the donor's at the recorded source place (scale 1).
+    b, size = 5, 96
+    xs = torch.arange(size) + 0.5
+    images = torch.stack([(0.5 + 0.3 * torch.sin(2 * torch.pi * (i + 3) * xs / size)).expand(3, size, size)
+                          for i in range(b)])  # fmt: skip
+    synth = NSASynthesizer(change_threshold=0.0, patch_size=(0.3, 0.4), scale=(1.0, 1.0))
+    params = synth.sample_params(images, None, gen(0))
+    out = synth.apply(images, params)
+    for i in range(b):
+        donor = int(params["source_index"][i, 0])
+        shift = params["source_centre"][i, 0] - params["centre"][i, 0]
+        region = out.masks[i, 0].bool()
+        region[:, -1] = False
+        yy, xx = region.nonzero(as_tuple=True)
+        inner = region[yy, (xx + 1).clamp_max(size - 1)]
+        yy, xx = yy[inner], xx[inner]
+        got = out.images[i, 0, yy, xx + 1] - out.images[i, 0, yy, xx]
+        sx = (xx + 0.5 + shift[1]).clamp(0.5, size - 1.5)
+
+        def gradient(j: int) -> torch.Tensor:
+            f = 2 * torch.pi * (j + 3) / size
+            return torch.sin(f * (sx + 1)) - torch.sin(f * sx)
+
+        scores = [float(torch.corrcoef(torch.stack((got, gradient(j))))[0, 1]) for j in range(b)]
+        assert donor != i
+        assert max(range(b), key=scores.__getitem__) == donor, f"image {i}: donor {donor}, correlations {scores}"
+
+
+def test_float64_outside_mask_is_bit_exact() -> None:
+    images = torch.rand(3, 3, 40, 40, dtype=torch.float64, generator=gen(0)) * (1 - 1e-9) + 1e-10
+    for name in NAMES:
+        out = get(name)(images, generator=gen(1))
+        outside = (out.masks == 0).expand_as(images)
+        assert torch.equal(out.images[outside], images[outside]), name
+
+
+@pytest.mark.parametrize("size", [8, 16, 32])
+def test_perlin_masks_on_tiny_images_are_not_whole_images(size: int) -> None:
+    images = torch.rand(64, 3, size, size, generator=gen(2))
+    out = PerlinSynthesizer()(images, generator=gen(3))
+    area = out.masks.mean((1, 2, 3))
+    assert (area < 1.0).float().mean() > 0.9 and out.labels.all()
+
+
+def test_perlin_area_range_with_tiny_foreground_is_never_empty() -> None:
+    fg = torch.zeros(16, 1, 128, 128, dtype=torch.bool)
+    fg[:, :, 60:65, 60:65] = True
+    out = PerlinSynthesizer(area_range=(0.1, 0.3))(torch.rand(16, 3, 128, 128, generator=gen(0)), fg, gen(1))
+    assert out.labels.all() and not (out.masks.bool() & ~fg).any()
+
+
+def test_empty_batch_returns_empty_result() -> None:
+    for name in NAMES:
+        out = get(name)(torch.rand(0, 3, 16, 16))
+        assert out.images.shape == (0, 3, 16, 16) and out.masks.shape == (0, 1, 16, 16) and out.labels.numel() == 0
+
+
+def test_anomalib_perlin_samples_replay_alone(photos: torch.Tensor) -> None:
+    synth = get("anomalib-perlin")
+    params = synth.sample_params(photos, None, gen(0))
+    whole = synth.apply(photos, params)
+    alone = synth.apply(photos[2:3], {"seed": params["seed"][2:3]})
+    assert torch.equal(whole.images[2:3], alone.images)

@@ -106,3 +106,18 @@ def test_bad_arguments() -> None:
         SynthesizeAnomaly("perlin", p=1.0)(torch.rand(3, 32, 32), torch.zeros(16, 16))
     with pytest.raises(ValueError, match=r"\[0,1\]"):
         SynthesizeAnomaly("perlin", p=1.0)(torch.randn(3, 32, 32) * 3)
+
+
+def test_dataloader_workers_get_different_anomalies(photos: torch.Tensor) -> None:
+    class Same(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            return transform(photos[0])
+
+    transform = SynthesizeAnomaly("cutpaste", p=1.0, seed=0)
+    loader = torch.utils.data.DataLoader(Same(), batch_size=1, num_workers=2,
+                                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    batches = [b[0] for b in loader]  # workers interleave: 0, 1, 0, 1
+    assert not torch.equal(batches[0], batches[1])

@@ -27,9 +27,12 @@ from ..writer import MVTecWriter
 COMPLETE = "COMPLETE"
 
 
-def cache_key(synth: Synthesizer, sources: Sequence[str], variants: int, seed: int, size: Sequence[int]) -> str:
-    """Hex digest (16 chars) of what determines a cache entry."""
+def cache_key(
+    synth: Synthesizer, sources: Sequence[str], variants: int, seed: int, size: Sequence[int], batch_size: int = 16
+) -> str:
+    """Hex digest (16 chars) of what determines a cache entry (batches share seeds and donors, so their size too)."""
     payload = {
+        "batch_size": batch_size,
         "synthesizer": synth.name,
         "config": synth.config(),
         "sources": [str(Path(s).resolve()) for s in sources],
@@ -70,7 +73,7 @@ def build_cache(
     if not sources:
         msg = "no source images to synthesize from"
         raise ValueError(msg)
-    root = Path(cache_dir) / cache_key(synth, sources, variants, seed, size)
+    root = Path(cache_dir) / cache_key(synth, sources, variants, seed, size, batch_size)
     rank, world = _rank_world()
     digits = max(3, len(str(len(sources) * variants - 1)))
     writer = MVTecWriter(root, synth.name or "synthetic", digits=digits, shard=rank if world > 1 else None)

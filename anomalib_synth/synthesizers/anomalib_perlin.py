@@ -3,8 +3,9 @@
 It is what anomalib users have today (DRAEM, DSR, GLASS and ``val_split_mode="synthetic"`` use it), so it runs
 unchanged: images are processed one at a time by anomalib's code, which draws from the *global* torch RNG. To keep
 this package's rule that a ``torch.Generator`` is the only source of randomness, :meth:`sample_params` draws one seed
-from the generator and :meth:`apply` runs anomalib's generator inside ``torch.random.fork_rng`` seeded with it: the
-caller's global RNG state is untouched and the same generator gives the same output.
+per image from the generator and :meth:`apply` runs anomalib's generator on each image inside
+``torch.random.fork_rng``, seeded with it: the caller's global RNG state is untouched, the same generator gives the
+same output, and a sample can be replayed from its recorded seed.
 
 Grayscale images are expanded to 3 channels for anomalib's colour augmentations and converted back.
 """
@@ -54,7 +55,7 @@ class AnomalibPerlinSynthesizer(Synthesizer):
         self.beta = check_range("beta", beta, 0.0, 1.0)
         self.rotation = check_range("rotation", rotation, -360.0, 360.0)
         with torch.random.fork_rng(devices=[]):  # anomalib draws its solarize threshold at construction
-            torch.manual_seed(0)
+            torch.default_generator.manual_seed(0)
             self.generator = PerlinAnomalyGenerator(
                 anomaly_source_path=self.texture_dir,
                 probability=1.0,
@@ -75,11 +76,18 @@ class AnomalibPerlinSynthesizer(Synthesizer):
         x = images.float()
         gray = x.shape[1] == 1
         rgb = x.expand(-1, 3, -1, -1) if gray else x
-        devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(params["seed"][0]))
-            out, masks = self.generator(rgb)
-        masks = masks > 0.5
+        cuda = x.device.type == "cuda"
+        outputs, masks = [], []
+        with torch.random.fork_rng(devices=[x.device] if cuda else []):
+            # anomalib loops over images anyway; one seed per image makes each sample replayable on its own
+            for image, seed in zip(rgb, params["seed"].tolist(), strict=True):
+                torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it would reseed every GPU
+                if cuda:
+                    torch.cuda.default_generators[x.device.index or 0].manual_seed(seed)
+                out, mask = self.generator(image)
+                outputs.append(out)
+                masks.append(mask)
+        out, masks = torch.stack(outputs), torch.stack(masks) > 0.5
         if "fg" in params:  # anomalib knows no foreground: cut its mask to it
             masks &= params["fg"]
         out = to_grayscale(out) if gray else out

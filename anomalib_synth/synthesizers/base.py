@@ -147,6 +147,9 @@ class Synthesizer(nn.Module):
         """
         images = validate_images(images)
         fg = validate_fg_masks(fg_masks, images)
+        if images.shape[0] == 0:
+            masks = images.new_zeros(0, 1, *images.shape[-2:], dtype=torch.float32)
+            return SynthesisResult(images.clone(), masks, torch.zeros(0, dtype=torch.bool, device=images.device))
         params = self.sample_params(images, fg, make_generator(generator))
         return self.apply(images, params)
 
@@ -169,8 +172,10 @@ class Synthesizer(nn.Module):
     def _result(images: Tensor, out: Tensor, masks: Tensor, params: Params, keys: tuple[str, ...]) -> SynthesisResult:
         """Build the result: cast back to the input dtype, derive labels, export scalar params as JSON."""
         labels = masks.flatten(1).any(1)
+        if out.dtype != images.dtype:  # computed in float32: keep the input's own values outside the mask
+            out = torch.where(masks, out.to(images.dtype), images)
         return SynthesisResult(
-            images=out.to(images.dtype),
+            images=out,
             masks=masks.to(torch.float32),
             labels=labels,
             params=params_to_json(params, keys, images.shape[0]),

@@ -141,7 +141,7 @@ class NSASynthesizer(Synthesizer):
             permuted = torch.empty_like(grid)
             permuted[source] = grid
             src = F.grid_sample(x, permuted, mode="bilinear", padding_mode="border", align_corners=False)
-            src = src[torch.argsort(source)]
+            src = src[source]  # sample i's grid sat at position source[i]
             half = torch.stack((params["height"][:, k], params["width"][:, k]), -1).to(x).view(b, 1, 1, 2) / 2
             active = (params["num_defects"] > k).view(b, 1, 1, 1)
             region = (local.abs() <= half).all(-1).unsqueeze(1) & inner & active

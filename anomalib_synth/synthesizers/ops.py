@@ -88,6 +88,7 @@ def match_channels(x: Tensor, channels: int) -> Tensor:
 
 
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
 def color_matrix(brightness: Tensor, saturation: Tensor, hue: Tensor) -> Tensor:
@@ -107,7 +108,7 @@ def color_matrix(brightness: Tensor, saturation: Tensor, hue: Tensor) -> Tensor:
         ),
         dim=-2,
     )
-    return brightness.view(-1, 1, 1) * (torch.linalg.inv(to_yiq) @ rot @ to_yiq)
+    return brightness.view(-1, 1, 1) * (_YIQ_TO_RGB.to(brightness) @ rot @ to_yiq)
 
 
 def rigid_grid(

@@ -59,7 +59,8 @@ def _lattice_weights(n: int, res: Tensor, lattice: int) -> tuple[Tensor, Tensor]
     Returns ``weight`` ``[B, n, lattice]`` (the faded linear-interpolation weight of each lattice line, non-zero for
     the two lines around the pixel) and ``offset_weight`` = ``weight * (coordinate - line)``.
     """
-    coord = torch.arange(n, device=res.device, dtype=torch.float32) / n * res.view(-1, 1).float()  # [B, n]
+    # pixel centres: at i / n, a lattice resolution dividing n would put every pixel on a lattice point (noise 0)
+    coord = (torch.arange(n, device=res.device, dtype=torch.float32) + 0.5) / n * res.view(-1, 1).float()  # [B, n]
     cell = coord.floor()
     t = coord - cell
     fade = t * t * t * (t * (t * 6 - 15) + 10)
@@ -189,7 +190,7 @@ class PerlinSynthesizer(Synthesizer):
     ) -> None:
         super().__init__()
         self.beta = check_range("beta", beta, 0.0, 1.0)
-        self.scale_range = tuple(int(v) for v in check_range("scale_range", scale_range, 0, 8))
+        self.scale_range = tuple(int(v) for v in check_range("scale_range", scale_range, 0, 6))
         if not -1.0 < threshold < 1.0:
             msg = f"threshold must be in (-1, 1), got {threshold}"
             raise ValueError(msg)
@@ -224,6 +225,8 @@ class PerlinSynthesizer(Synthesizer):
             "n_augment": self.n_augment,
             "min_area": self.min_area,
             "foreground": self.foreground,
+            "texture_size": self.texture_size,
+            "max_textures": self.max_textures,
         }
 
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
@@ -263,7 +266,10 @@ class PerlinSynthesizer(Synthesizer):
         h, w = size
         factor = max(1, min(h, w) // 128)
         small = (math.ceil(h / factor), math.ceil(w / factor))
-        noise = perlin_noise(small, params["res_y"], params["res_x"], params["lattice"])
+        # at most one lattice cell per 2 noise pixels, so that tiny images still get varied noise
+        res_y = params["res_y"].clamp(1, max(1, small[0] // 2))
+        res_x = params["res_x"].clamp(1, max(1, small[1] // 2))
+        noise = perlin_noise(small, res_y, res_x, params["lattice"])
         grid = rotation_grid(small, torch.deg2rad(params["angle"].float()))
         return F.grid_sample(noise, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
@@ -287,8 +293,12 @@ class PerlinSynthesizer(Synthesizer):
             threshold = torch.minimum(torch.full_like(floor, self.threshold), floor)
         if noise.shape[-2:] != tuple(size):
             noise = F.interpolate(noise, size=size, mode="bilinear", align_corners=False)
-        mask = noise >= threshold.view(-1, 1, 1, 1)
-        return mask if fg is None else mask & fg
+        threshold = threshold.view(-1, 1, 1, 1)
+        if fg is None:
+            return noise >= threshold
+        # the threshold was found on the small map: never let it exceed the best full-size foreground pixel
+        best = noise.masked_fill(~fg, float("-inf")).amax(dim=(1, 2, 3), keepdim=True)
+        return (noise >= torch.minimum(threshold, best)) & fg
 
     def _source(self, x: Tensor, params: Params, b: Tensor, y: Tensor, xx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Anomaly-source values at the masked pixels ``[N, C]``, and per-sample source extremes ``[B, C]``."""
@@ -296,10 +306,11 @@ class PerlinSynthesizer(Synthesizer):
         py, px = y.to(x) + 0.5, xx.to(x) + 0.5
         if len(self.textures):
             index = params["texture"]
-            bank = self.textures.to(x.device)[index].to(x) / 255  # only the B textures in use
+            on_bank = index.to(self.textures.device)
+            bank = self.textures[on_bank].to(x) / 255  # only the B textures in use move to the images' device
             side = bank.shape[-1]
             values = sample_at(bank, b, py * side / h, px * side / w, presorted=True)
-            low, high = self.texture_range[index].to(x).unbind(1)
+            low, high = self.texture_range[on_bank].to(x).unbind(1)
             if c == 1:
                 return to_grayscale(values[..., None, None])[:, :, 0, 0], low.amin(1, True), high.amax(1, True)
             return values, low, high
