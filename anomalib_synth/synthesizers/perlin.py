@@ -53,6 +53,13 @@ from .validation import check_range
 AUGMENT_OPS = ("gamma", "brightness", "hue_saturation", "solarize", "posterize", "invert", "autocontrast")
 
 
+def _mirror(index: Tensor, size: int) -> Tensor:
+    """Reflect integer pixel indices into ``[0, size)`` (``-1 -> 0``, ``size -> size - 1``)."""
+    period = 2 * size
+    index = index.remainder(period)
+    return torch.where(index >= size, period - 1 - index, index)
+
+
 def _lattice_weights(n: int, res: Tensor, lattice: int) -> tuple[Tensor, Tensor]:
     """Interpolation weights of the lattice lines for ``n`` pixels along one axis, per sample.
 
@@ -111,36 +118,57 @@ def sample_augment_params(batch: int, n_ops: int, generator: torch.Generator, de
 def apply_augment(values: Tensor, b: Tensor, p: Params, low: Tensor, high: Tensor) -> Tensor:
     """Apply :func:`sample_augment_params` draws to source pixels ``[N, C]`` of samples ``b``.
 
-    ``low`` / ``high`` (``[B, C]``) are the per-sample source extremes used by autocontrast, which runs first.
-    Unselected operations get identity parameters, so every pixel goes through the same arithmetic.
+    ``low`` / ``high`` (``[B, C]``) are the per-sample source extremes used by autocontrast. The order is
+    autocontrast, gamma, hue/saturation + gain + invert (folded into one affine colour map), offset, solarize,
+    posterize. Unselected operations get identity parameters; an operation no sample selected is skipped.
     """
     on = p["aug_ops"]
     one = torch.ones_like(p["aug_gamma"])
     c = values.shape[1]
+    # autocontrast as a per-sample affine map (identity when off)
+    span = (high - low).clamp_min(1e-3)
+    scale = torch.where(on[:, 6:7], 1 / span, 1.0)
+    shift = torch.where(on[:, 6:7], -low / span, 0.0)
+    # hue/saturation rotation, gain and invert folded into one colour matrix + offset per sample
+    gain = torch.where(on[:, 1], p["aug_gain"], one)
+    sign = torch.where(on[:, 5], -1.0, 1.0)
+    offset = torch.where(on[:, 1], p["aug_offset"], 0.0) * sign + torch.where(on[:, 5], 1.0, 0.0)
+    if c == 3:
+        matrix = color_matrix(
+            gain * sign,
+            torch.where(on[:, 2], p["aug_saturation"], one),
+            torch.where(on[:, 2], p["aug_hue"], 0.0),
+        ).flatten(1)
+    else:
+        matrix = (gain * sign).view(-1, 1)
     per_sample = torch.cat(
         (
+            scale,
+            shift,
             torch.where(on[:, 0], p["aug_gamma"], one).view(-1, 1),
-            torch.where(on[:, 1], p["aug_gain"], one).view(-1, 1),
-            torch.where(on[:, 1], p["aug_offset"], 0.0).view(-1, 1),
+            offset.view(-1, 1),
             torch.where(on[:, 3], p["aug_solarize"], 2.0).view(-1, 1),
             torch.where(on[:, 4], torch.exp2(p["aug_bits"].float()), 0.0).view(-1, 1),
-            on[:, 5:7].to(one.dtype),
-            low,
-            (high - low).clamp_min(1e-3),
+            matrix,
         ),
         dim=1,
-    )[b]  # one gather: [N, 7 + 2C]
-    gamma, gain, offset, solarize, levels, invert, stretch = per_sample[:, :7].split(1, dim=1)
-    values = torch.where(stretch > 0, (values - per_sample[:, 7 : 7 + c]) / per_sample[:, 7 + c :], values)
-    values = values.clamp(0, 1) ** gamma
+    )[b]  # one gather: [N, 2C + 4 + C*C]
+    scale, shift = per_sample[:, :c], per_sample[:, c : 2 * c]
+    gamma, offset, solarize, levels = per_sample[:, 2 * c : 2 * c + 4].split(1, dim=1)
+    matrix = per_sample[:, 2 * c + 4 :]
+    values = torch.addcmul(shift, values, scale).clamp_(0, 1)
+    if bool(on[:, 0].any()):
+        values = values.pow_(gamma)
     if c == 3:
-        hue = torch.where(on[:, 2], p["aug_hue"], 0.0)
-        matrix = color_matrix(one, torch.where(on[:, 2], p["aug_saturation"], one), hue)
-        values = torch.einsum("nij,nj->ni", matrix[b], values)
-    values = (values * gain + offset).clamp(0, 1)
-    values = torch.where(values >= solarize, 1 - values, values)
-    values = torch.where(levels > 0, torch.floor(values * levels) / levels.clamp_min(1), values)
-    return torch.where(invert > 0, 1 - values, values)
+        values = torch.einsum("nij,nj->ni", matrix.view(-1, 3, 3), values)
+    else:
+        values = values * matrix
+    values = values.add_(offset).clamp_(0, 1)
+    if bool(on[:, 3].any()):
+        values = torch.where(values >= solarize, 1 - values, values)
+    if bool(on[:, 4].any()):
+        values = torch.where(levels > 0, torch.floor(values * levels) / levels.clamp_min(1), values)
+    return values
 
 
 @register("perlin")
@@ -320,5 +348,8 @@ class PerlinSynthesizer(Synthesizer):
         shift = params["shift"].to(x)[b] * x.new_tensor([h, w])
         sy = shift[:, 0] - sin * dx + cos * dy
         sx = shift[:, 1] + cos * dx + sin * dy
-        values = sample_at(x, b, sy, sx, padding_mode="reflection", presorted=True)
-        return values, x.amin(dim=(2, 3)), x.amax(dim=(2, 3))
+        # nearest-neighbour lookup with mirrored borders: one gather, and a rotated copy of the image needs no
+        # interpolation to serve as an anomaly source
+        sy = _mirror(sy.floor().long(), h)
+        sx = _mirror(sx.floor().long(), w)
+        return x[b, :, sy, sx], x.amin(dim=(2, 3)), x.amax(dim=(2, 3))
