@@ -45,10 +45,19 @@ class Budget:
     anomaly_ratio: float = 0.5
 
 
+PLACES_ON_OBJECT = ("perlin", "cutpaste", "scar", "nsa")
+"""Synthesizers the harness runs with ``foreground="auto"`` (defects on the object; textures keep the whole image)."""
+
+
 def make_synthesizer(name: str, texture_dir: str | None, **kwargs: Any) -> Synthesizer:
-    """Build ``name``, giving ``texture_dir`` to every synthesizer that takes an anomaly source."""
+    """Build ``name``, giving ``texture_dir`` to every synthesizer that takes an anomaly source.
+
+    Ours place defects on the estimated object (``foreground="auto"``); anomalib's baseline has no such option.
+    """
     if texture_dir is not None and name in ("perlin", "anomalib-perlin"):
         kwargs.setdefault("texture_dir", texture_dir)
+    if name in PLACES_ON_OBJECT:
+        kwargs.setdefault("foreground", "auto")
     return get(name, **kwargs)
 
 
