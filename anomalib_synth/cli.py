@@ -82,7 +82,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     def split(text: str) -> list[str]:
         return [t for t in text.split(",") if t]
 
-    budgets = {}
+    budgets: dict[str, dict[str, Any]] = {}
     for protocol in split(args.protocol):
         budget = {}
         if args.steps is not None:
@@ -90,6 +90,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.batch_size is not None:
             budget["batch_size"] = args.batch_size
         budgets[protocol] = budget
+    for spec in args.budget:  # PROTOCOL:KEY=VALUE[,KEY=VALUE]
+        protocol, _, assignments = spec.partition(":")
+        budgets.setdefault(protocol, {}).update(_parse_options(assignments.split(",")))
     config = EvalConfig(
         data_root=args.data_root,
         categories=split(args.categories),
@@ -162,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texture-dir", default=None, help="anomaly-source textures for every synthesizer that takes one")
     p.add_argument("--steps", type=int, default=None, help="training steps (default per protocol)")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--budget", action="append", default=[], metavar="PROTOCOL:KEY=VALUE[,...]",
+                   help="per-protocol budget, e.g. --budget draem:steps=10,batch_size=2")  # fmt: skip
     p.add_argument("--model", default="anomalib.models.Patchcore", help="anomalib protocol: model class path")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")

@@ -93,7 +93,7 @@ def segmentation(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     return _predict(net, test_images), losses
 
 
