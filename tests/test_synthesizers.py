@@ -302,3 +302,14 @@ def test_anomalib_perlin_samples_replay_alone(photos: torch.Tensor) -> None:
     whole = synth.apply(photos, params)
     alone = synth.apply(photos[2:3], {"seed": params["seed"][2:3]})
     assert torch.equal(whole.images[2:3], alone.images)
+
+
+def test_nsa_pastes_unblended_when_the_blend_is_invisible() -> None:
+    # a flat image and a donor that differs only by a constant: Poisson blending removes constants entirely
+    images = torch.stack((torch.full((3, 64, 64), 0.3), torch.full((3, 64, 64), 0.6)))
+    blended_only = NSASynthesizer(min_visible=0.0)(images, generator=gen(0))
+    assert not blended_only.labels.any(), "the blend alone leaves nothing visible"
+    with_fallback = NSASynthesizer()(images, generator=gen(0))
+    assert with_fallback.labels.all()
+    changed = (with_fallback.images - images).abs().amax(1, keepdim=True) > 0
+    assert torch.equal(changed, with_fallback.masks > 0)

@@ -12,6 +12,8 @@ Departures from the paper and its code (hmsch/natural-synthetic-anomalies), and 
     - Patch sides are drawn uniformly from ``patch_size`` (fractions of the image side) instead of the paper's
       ``Gamma(2, 0.05) + 0.03`` half-widths, which makes the size range explicit.
     - The label is binary (the paper also has continuous / logistic labels).
+    - When the blend leaves less than ``min_visible`` of a patch visibly changed, the patch is pasted unblended
+      (the paper's code would keep an invisible "anomaly"; our masks must mark what changed).
     - Sources are paired by a random cyclic permutation of the batch (each image gives and receives one patch per
       defect), which keeps the work free of copies; with a batch of one image the patch comes from the image itself.
     - The blend is computed in a window around each target patch (its largest possible size plus a margin), not
@@ -49,6 +51,9 @@ class NSASynthesizer(Synthesizer):
         foreground (str, optional): ``"none"`` or ``"auto"``; patch centres are drawn inside the foreground and the
             blend is limited to it. Defaults to ``"none"``.
         sweeps (int, optional): Jacobi sweeps per resolution level of the Poisson solver. Defaults to ``4``.
+        min_visible (float, optional): if the blend changes less than this fraction of a patch (look-alike
+            textures), the patch is pasted without blending instead, so the sample stays a visible anomaly. ``0``
+            turns the fallback off. Defaults to ``0.3``.
     """
 
     description = "NSA: a resized patch of another image Poisson-blended elsewhere; the mask marks what changed"
@@ -62,6 +67,7 @@ class NSASynthesizer(Synthesizer):
         change_threshold: float = 0.03,
         foreground: str = "none",
         sweeps: int = 4,
+        min_visible: float = 0.3,
     ) -> None:
         super().__init__()
         self.patch_size = check_range("patch_size", patch_size, 0.01, 0.6)
@@ -73,6 +79,10 @@ class NSASynthesizer(Synthesizer):
         self.change_threshold = float(change_threshold)
         self.foreground = check_foreground_mode(foreground)
         self.sweeps = int(sweeps)
+        if not 0 <= min_visible <= 1:
+            msg = f"min_visible must be in [0, 1], got {min_visible}"
+            raise ValueError(msg)
+        self.min_visible = float(min_visible)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -82,6 +92,7 @@ class NSASynthesizer(Synthesizer):
             "change_threshold": self.change_threshold,
             "foreground": self.foreground,
             "sweeps": self.sweeps,
+            "min_visible": self.min_visible,
         }
 
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
@@ -149,6 +160,12 @@ class NSASynthesizer(Synthesizer):
                 region &= fg.view(b, 1, h * w).gather(2, window).view(b, 1, sh, sw)
             blended = seamless_clone(dst, src, region, self.sweeps)
             changed = region & ((blended - dst).abs().amax(1, keepdim=True) > self.change_threshold)
+            if self.min_visible > 0:
+                # a blend of look-alike textures can leave (almost) nothing visible: paste those patches as they are
+                area = region.sum((1, 2, 3), keepdim=True)
+                faint = changed.sum((1, 2, 3), keepdim=True) < self.min_visible * area
+                blended = torch.where(faint, torch.where(region, src, dst), blended)
+                changed = region & ((blended - dst).abs().amax(1, keepdim=True) > self.change_threshold)
             result = torch.where(changed, blended, dst)
             out.view(b, c, h * w).scatter_(2, window.expand(-1, c, -1), result.view(b, c, -1))
             mask.view(b, 1, h * w).scatter_(2, window, changed.view(b, 1, -1) | mask.view(b, 1, h * w).gather(2, window))
