@@ -320,6 +320,8 @@ def test_draem_uses_our_synthesizer_via_callback(tiny_root, tmp_path) -> None:
     assert callback.replaced == "augmenter"
     assert isinstance(model.augmenter, SynthesizerAugmenter) and model.augmenter.calls >= 1
     assert model.augmenter.synthesizer.name == "nsa"
+    results = engine.test(model=model, datamodule=folder_datamodule(tiny_root))
+    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
 
 
 @pytest.mark.slow
