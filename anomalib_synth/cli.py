@@ -25,8 +25,18 @@ def _parse_options(options: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             msg = f"options must look like KEY=VALUE, got {option!r}"
             raise ValueError(msg)
-        parsed[key.replace("-", "_")] = yaml.safe_load(value)
+        parsed[key.replace("-", "_")] = _number(yaml.safe_load(value))
     return parsed
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string; numbers written that way are meant as floats."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _cmd_list(_: argparse.Namespace) -> int:

@@ -352,3 +352,42 @@ def test_cache_key_includes_batch_size_and_texture_bank_settings(tiny_root, tmp_
     a = get("perlin", texture_dir=str(textures), texture_size=16)
     b = get("perlin", texture_dir=str(textures), texture_size=32, max_textures=2)
     assert cache_key(a, sources, 1, 0, (64, 64)) != cache_key(b, sources, 1, 0, (64, 64))
+
+
+def test_explicit_synthetic_val_gives_real_val_anomalies_back_to_test(tiny_root, tmp_path) -> None:
+    inner = folder_datamodule(tiny_root)  # Folder's default: validation carved from the test set
+    inner.setup()
+    real = set(inner.test_data.samples.image_path) | set(inner.val_data.samples.image_path)
+    real_anomalies = {p for p in real if "defect" in p}
+    dm = _wrap(tiny_root, tmp_path, synthesizer="cutpaste", synthetic_val=True)
+    dm.setup()
+    assert real_anomalies <= set(dm.test_data.samples.image_path), "no real anomaly is dropped"
+    assert not any("defect" in p for p in dm.val_data.samples.image_path)
+
+
+def test_synthetic_test_on_a_classification_datamodule(tiny_root, tmp_path) -> None:
+    from anomalib.data import Folder
+
+    inner = Folder(name="cls", root=tiny_root, normal_dir="good", abnormal_dir="defect", normal_test_dir="test_good",
+                   train_batch_size=4, eval_batch_size=4, num_workers=0)  # fmt: skip
+    dm = SyntheticAnomalyDataModule(inner, "scar", synthetic_test=True, synthetic_val=False,
+                                    cache_dir=str(tmp_path / "c"))  # fmt: skip
+    dm.setup()
+    assert dm.test_data.task.value == "classification"
+    labels = [bool(dm.test_data[i].gt_label) for i in range(len(dm.test_data))]
+    assert sum(labels) > int(inner.test_data.samples.label_index.sum()), "synthetic anomalies were added"
+
+
+def test_online_counter_restarts_for_a_new_trainer(tiny_root, tmp_path) -> None:
+    dm = _wrap(tiny_root, tmp_path, synthesizer="cutpaste", anomaly_ratio=1.0, synthetic_val=False)
+    dm.setup()
+    batch = _batch(dm)
+    first = types.SimpleNamespace(training=True, current_epoch=0, global_rank=0)
+    dm.trainer = first
+    a = dm.on_after_batch_transfer(batch, 0)
+    dm.on_after_batch_transfer(batch, 0)
+    dm.trainer = types.SimpleNamespace(training=True, current_epoch=0, global_rank=0)
+    assert torch.equal(dm.on_after_batch_transfer(batch, 0).image, a.image), "a new fit replays epoch 0, batch 0"
+    dm.trainer = types.SimpleNamespace(training=True, current_epoch=0, global_rank=1)
+    other_rank = dm.synthesize_train_batch(batch, epoch=5, rank=1)
+    assert not torch.equal(other_rank.gt_mask, dm.synthesize_train_batch(batch, epoch=5, rank=0).gt_mask)

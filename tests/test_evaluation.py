@@ -124,3 +124,36 @@ def test_load_test_set_shapes_and_labels(tmp_path) -> None:
     images, masks, labels = load_test_set(data.test, (32, 32))
     assert images.shape == (5, 3, 32, 32) and masks.shape == (5, 32, 32) and labels.sum() == 3
     assert not masks[~labels].any() and masks[labels].flatten(1).any(1).all()
+
+
+def test_resume_refuses_other_run_settings_and_slash_categories_work(tmp_path) -> None:
+    root = make_mvtec(tmp_path / "data" / "mvtec")
+    config = EvalConfig(data_root=str(tmp_path / "data"), categories=["mvtec/gravel", "mvtec/gravel"],
+                        synthesizers=["scar"], seeds=[0, 0], image_size=32,
+                        budgets={"segmentation": {"steps": 2, "batch_size": 2}}, workers=1)  # fmt: skip
+    results = evaluate(config, tmp_path / "out", progress=False)
+    assert len(results["runs"]) == 3, "duplicated categories and seeds are run once (2 controls + scar)"
+    assert (tmp_path / "out" / "strip_segmentation_mvtec_gravel.png").is_file()
+    config.image_size = 48
+    with pytest.raises(ValueError, match="other settings \\(image_size\\)"):
+        evaluate(config, tmp_path / "out", progress=False)
+    config.image_size = 32
+    config.budgets = {"segmentation": {"stepz": 3}}
+    with pytest.raises(ValueError, match="unknown budget setting"):
+        evaluate(config, tmp_path / "out2", progress=False)
+    assert root.is_dir()
+
+
+def test_image_metrics_are_nan_without_normal_test_images() -> None:
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[:, 2:4, 2:4] = True
+    out = evaluate_maps(masks.float(), masks, torch.tensor([True, True]))
+    assert math.isnan(out["image_AUROC"]) and out["pixel_AP"] == pytest.approx(1.0)
+
+
+def test_metrics_normalise_before_scoring() -> None:
+    # three score levels outside [0, 1]: after a sigmoid, 20 and 40 would tie (both ~1.0) and F1-max would change
+    masks = torch.tensor([[[False, True, True]]])
+    maps = torch.tensor([[[-5.0, 20.0, 40.0]]])
+    assert evaluate_maps(maps, masks, torch.tensor([True]))["pixel_F1max"] == pytest.approx(1.0)
+    assert normalise(maps).tolist() == [[[0.0, 0.5555555820465088, 1.0]]]

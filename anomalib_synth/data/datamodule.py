@@ -53,7 +53,9 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
       training sample becomes anomalous with probability ``anomaly_ratio``; ``gt_mask`` and ``gt_label`` are set,
       real anomalies in the batch are kept. This runs before the model's ``PreProcessor`` (images are in ``[0, 1]``
       at model resolution) and only while training. Every epoch gets new anomalies, reproducible from
-      ``seed`` + epoch + batch index + rank.
+      ``seed`` + epoch + batch index + rank. Use it for models that learn from labelled anomalies (SuperSimpleNet,
+      UniNet); memory-bank and density models (PatchCore, Padim, ...) would store the synthetic anomalies as normal,
+      so give them ``anomaly_ratio=0`` and a synthetic validation split instead.
     - ``"cache"``: ``variants_per_image`` anomalies per training image are synthesized once into
       ``cache_dir/<config hash>/`` (MVTec layout + ``manifest.jsonl``) and served, with the normal images, as the
       training set. Meant for slow (diffusion) synthesizers; resumable and sharded over DDP ranks
@@ -196,6 +198,9 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         if want_val:
             eval_augmentations = self._inner_split("val").augmentations
             self.val_data = self._with_synthetic(train.subsample(sorted(held_out)), "val", size, eval_augmentations)
+            if inner_val is not None and inner_val.has_anomalous:
+                # e.g. Folder's default val split takes real anomalies from the test set: give them back
+                self.test_data = self._return_anomalies(self.test_data, inner_val)
         if self.synthetic_test:
             normal_test = [i for i, label in enumerate(self.test_data.samples.label_index) if int(label) == 0]
             synthetic = self._cached(self.test_data.subsample(normal_test), "test", size)
@@ -232,13 +237,28 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
 
     @staticmethod
     def _concat(first: AnomalibDataset, second: AnomalibDataset) -> AnomalibDataset:
-        """Concatenate as a segmentation dataset (synthetic samples have masks; normal ones get empty masks)."""
+        """Concatenate; a segmentation dataset when every anomalous sample has a mask (synthetic ones do), else
+        classification (e.g. real test anomalies of a Folder set without ``mask_dir``)."""
         columns = ["image_path", "label", "label_index", "mask_path", "split"]
         samples = pd.concat([first.samples.reindex(columns=columns), second.samples[columns]], ignore_index=True)
         samples["mask_path"] = samples["mask_path"].fillna("").astype(str)
         dataset = copy.deepcopy(first)
         dataset.samples = samples
-        dataset.samples.attrs["task"] = "segmentation"
+        anomalous = dataset.samples[dataset.samples.label_index == 1]
+        has_masks = bool((anomalous.mask_path != "").all())
+        dataset.samples.attrs["task"] = "segmentation" if has_masks else "classification"
+        return dataset
+
+    @staticmethod
+    def _return_anomalies(test: AnomalibDataset, val: AnomalibDataset) -> AnomalibDataset:
+        """``test`` plus the anomalous samples of ``val`` that it lacks."""
+        extra = val.samples[(val.samples.label_index == 1) & ~val.samples.image_path.isin(test.samples.image_path)]
+        if extra.empty:
+            return test
+        dataset = copy.deepcopy(test)
+        samples = pd.concat([test.samples, extra], ignore_index=True)
+        samples.attrs.update(test.samples.attrs)
+        dataset.samples = samples
         return dataset
 
     def _inner_split(self, split: str) -> AnomalibDataset:
@@ -263,6 +283,8 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         trainer = self.trainer
         if self.mode != "online" or trainer is None or not trainer.training:
             return batch
+        if getattr(self, "_trainer_id", None) != id(trainer):  # a new fit starts counting batches afresh
+            self._trainer_id, self._epoch = id(trainer), -1
         return self.synthesize_train_batch(batch, trainer.current_epoch, trainer.global_rank)
 
     def synthesize_train_batch(self, batch: Any, epoch: int, rank: int = 0) -> Any:

@@ -87,9 +87,11 @@ class UseSynthesizer(Callback):
         self.replaced: str | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        del trainer, stage
+        del stage
         if self.replaced is None or not isinstance(getattr(pl_module, self.replaced), SynthesizerAugmenter):
-            self.replaced = swap_augmenter(pl_module, self.synthesizer, self.probability, self.seed)
+            # each DDP rank draws its own anomalies
+            seed = None if self.seed is None else self.seed * 1_000_003 + trainer.global_rank
+            self.replaced = swap_augmenter(pl_module, self.synthesizer, self.probability, seed)
 
     def state_dict(self) -> dict[str, Any]:
         return {"replaced": self.replaced}

@@ -7,8 +7,12 @@
   built-in generator swapped for the synthesizer under test (:class:`~anomalib_synth.data.UseSynthesizer`);
   ``anomalib-perlin`` leaves DRAEM stock (its own generator, given the same textures).
 - ``anomalib``: any anomalib model (class path + init args) trained through
-  :class:`~anomalib_synth.data.SyntheticAnomalyDataModule` on the shots (online synthesis; synthetic validation for
-  one-class models); ``none`` trains it without synthesis.
+  :class:`~anomalib_synth.data.SyntheticAnomalyDataModule` on the shots: models that learn from labelled anomalies
+  (:data:`LABEL_CONSUMERS`) get online synthesis, the others (which would store synthetic anomalies as normal) only a
+  synthetic validation split; ``none`` trains it without synthesis.
+
+Maps are the models' raw outputs (anomalib's post-processor is skipped) and are scored after min-max normalisation
+over the test set, the same for every row.
 
 Controls, trained on nothing synthetic: ``control-untrained`` (the protocol's network, initialised, not trained)
 and ``control-shot-diff`` (the blurred absolute difference to the nearest shot image).
@@ -144,11 +148,15 @@ def shots_datamodule(shot_paths: list[Path], repeats: int, batch_size: int):
 
 
 def _anomaly_maps(model: torch.nn.Module, images: Tensor, size: tuple[int, int], batch_size: int = 8) -> Tensor:
+    """Raw maps of the torch model after the pre-processor: anomalib's post-processor is skipped on purpose, as its
+    normalisation (and clamping) depends on whether a validation set set its statistics, which differs between runs."""
     model.eval()
     maps = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            out = model(images[i : i + batch_size]).anomaly_map
+            batch = images[i : i + batch_size]
+            batch = model.pre_processor(batch) if model.pre_processor else batch
+            out = model.model(batch).anomaly_map
             out = out.reshape(out.shape[0], 1, *out.shape[-2:]).float()
             maps.append(F.interpolate(out, size=size, mode="bilinear", align_corners=False)[:, 0])
     return torch.cat(maps)
@@ -193,16 +201,24 @@ def draem(
         if not train:
             return _anomaly_maps(model, test_images, size)
         callbacks = []
-        if synthesizer != "anomalib-perlin":
-            callbacks.append(UseSynthesizer(make_synthesizer(synthesizer, texture_dir), probability=0.5, seed=seed))
+        if synthesizer != "anomalib-perlin":  # stock DRAEM keeps its own generator (probability 0.5)
+            synth = make_synthesizer(synthesizer, texture_dir)
+            callbacks.append(UseSynthesizer(synth, probability=budget.anomaly_ratio, seed=seed))
         datamodule = shots_datamodule(shot_paths, repeats=budget.batch_size, batch_size=budget.batch_size)
         _engine(Path(tmp), budget, callbacks).fit(model=model, datamodule=datamodule)
         return _anomaly_maps(model, test_images, size)
 
 
+LABEL_CONSUMERS = ("Supersimplenet", "UniNet")
+"""anomalib models that learn from labelled anomalous training samples; all others (Patchcore, Padim, ...) would
+store synthetic anomalies as normal, so they only get a synthetic validation split."""
+
+
 def _build_model(model: str, init_args: dict[str, Any], size: tuple[int, int]):
+    """Build ``model`` with its default pre-processor at ``size`` (train and test at the same resolution)."""
     module, _, name = model.rpartition(".")
     cls = getattr(importlib.import_module(module or "anomalib.models"), name)
+    init_args.setdefault("pre_processor", cls.configure_pre_processor(image_size=size))
     return cls(**init_args)
 
 
@@ -227,11 +243,15 @@ def anomalib_model(
     net = _build_model(model, dict(init_args or {}), size)
     if not train:
         return _anomaly_maps(net, test_images, size)
+    consumes_labels = type(net).__name__ in LABEL_CONSUMERS
     with tempfile.TemporaryDirectory() as tmp:
-        datamodule = shots_datamodule(shot_paths, repeats=budget.batch_size, batch_size=budget.batch_size)
+        # no repeated rows when wrapped: the wrapper would hold out a copy of a shot as "unseen" validation image
+        repeats = 1 if synthesizer != "none" else budget.batch_size
+        datamodule = shots_datamodule(shot_paths, repeats=repeats, batch_size=budget.batch_size)
         if synthesizer != "none":
             datamodule = SyntheticAnomalyDataModule(
-                datamodule, make_synthesizer(synthesizer, texture_dir), anomaly_ratio=budget.anomaly_ratio,
+                datamodule, make_synthesizer(synthesizer, texture_dir),
+                anomaly_ratio=budget.anomaly_ratio if consumes_labels else 0.0,
                 synthetic_val=True, cache_dir=str(Path(tmp) / "cache"), seed=seed, image_size=size,
             )  # fmt: skip
         _engine(Path(tmp), budget, []).fit(model=net, datamodule=datamodule)

@@ -46,16 +46,17 @@ def verdicts(table: dict[str, dict[str, Any]], metric: str = "pixel_AP") -> dict
     out = {}
     for category, per_method in table.items():
         controls = {m: v[metric]["mean"] for m, v in per_method.items() if m in CONTROLS}
-        synths = {m: v[metric]["mean"] for m, v in per_method.items() if m not in CONTROLS}
+        synths = {m: v[metric]["mean"] for m, v in per_method.items() if m not in (*CONTROLS, "none")}
         if not synths or not controls:
             continue
         best = max(synths, key=synths.get)
         margin = synths[best] - max(controls.values())
         spread = per_method[best][metric]["std"]
+        which = "both controls" if len(controls) > 1 else "the control"
         if margin > 0:
-            word = "beats both controls" + (" (by less than the seed spread)" if margin < spread else "")
+            word = f"beats {which}" + (" (by less than the seed spread)" if margin < spread else "")
         else:
-            word = "does NOT beat both controls"
+            word = f"does NOT beat {which}"
         out[category] = f"best: `{best}` ({synths[best]:.3f}) {word}; best control {max(controls.values()):.3f}"
     return out
 
@@ -103,9 +104,12 @@ def write_report(config: Any, records: list[dict[str, Any]], output: Path, machi
                       "from the test set."]  # fmt: skip
     for protocol, table in tables.items():
         budget = config.budget(protocol)
-        lines += ["", f"## Protocol `{protocol}`", "",
-                  f"Budget: {budget.steps} steps, batch {budget.batch_size}, lr {budget.lr}, "
-                  f"anomaly ratio {budget.anomaly_ratio}.", ""]  # fmt: skip
+        if protocol == "segmentation":
+            text = (f"{budget.steps} AdamW steps, batch {budget.batch_size}, lr {budget.lr}, anomaly ratio "
+                    f"{budget.anomaly_ratio}")  # fmt: skip
+        else:  # the model's own optimiser; one-epoch models (Patchcore, Padim) stop after their epoch
+            text = f"at most {budget.steps} steps, batch {budget.batch_size}, anomaly ratio {budget.anomaly_ratio}"
+        lines += ["", f"## Protocol `{protocol}`", "", f"Budget: {text}.", ""]
         for metric, title in (("pixel_AP", "Pixel AP (primary)"), ("pixel_AUROC", "Pixel AUROC"),
                               ("pixel_F1max", "Pixel F1-max"), ("image_AUROC", "Image AUROC")):  # fmt: skip
             lines += [f"### {title}", "", markdown_table(table, metric), ""]
@@ -172,4 +176,4 @@ def plot_strips(records: list[dict[str, Any]], output: Path, data_root: Path) ->
         for i, (label, array) in enumerate(rows):
             canvas.paste(Image.fromarray(array), (label_w, i * h))
             draw.text((4, i * h + 26), label, fill=(0, 0, 0))
-        canvas.save(output / f"strip_{protocol}_{category}.png")
+        canvas.save(output / f"strip_{protocol}_{category.strip('/').replace('/', '_')}.png")

@@ -51,6 +51,15 @@ class EvalConfig:
         return Budget(**{**asdict(DEFAULT_BUDGETS[protocol]), **self.budgets.get(protocol, {})})
 
     def validate(self) -> None:
+        self.categories = list(dict.fromkeys(self.categories))  # duplicates would be run (and counted) twice
+        self.synthesizers = list(dict.fromkeys(self.synthesizers))
+        self.seeds = list(dict.fromkeys(self.seeds))
+        fields = set(asdict(Budget()))
+        for protocol, budget in self.budgets.items():
+            bad = sorted(set(budget) - fields)
+            if bad:
+                msg = f"unknown budget setting(s) {bad} for {protocol}; choose from {sorted(fields)}"
+                raise ValueError(msg)
         unknown = sorted(set(self.protocols) - set(PROTOCOLS))
         if unknown:
             msg = f"unknown protocol(s) {unknown}; choose from {PROTOCOLS}"
@@ -71,7 +80,28 @@ class EvalConfig:
 
 
 def run_path(output: Path, protocol: str, category: str, method: str, seed: int) -> Path:
-    return output / "runs" / protocol / category / method / f"seed{seed}.json"
+    return output / "runs" / protocol / category.strip("/") / method / f"seed{seed}.json"
+
+
+RUN_SETTINGS = ("data_root", "shots", "image_size", "texture_dir", "budgets", "model", "model_args")
+"""Settings that change a run's result: a resumed evaluation must use the same ones."""
+
+
+def check_settings(config: EvalConfig, output: Path) -> None:
+    """Record the run-defining settings in ``output/settings.json``, or refuse to mix runs made with others."""
+    settings = {key: asdict(config)[key] for key in RUN_SETTINGS}
+    path = output / "settings.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in RUN_SETTINGS if previous.get(k) != json.loads(json.dumps(settings[k])))
+        if changed:
+            msg = (
+                f"{output} holds runs made with other settings ({', '.join(changed)}); "
+                "use another output folder or delete it"
+            )
+            raise ValueError(msg)
+        return
+    write_text(path, json.dumps(settings, indent=1))
 
 
 def plan(config: EvalConfig) -> list[dict[str, Any]]:
@@ -133,8 +163,12 @@ def execute(task: dict[str, Any], config: EvalConfig, output: Path) -> dict[str,
 
 def _work(args: tuple[dict[str, Any], dict[str, Any], str]) -> dict[str, Any]:
     task, config_dict, output = args
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    record = execute(task, EvalConfig(**config_dict), Path(output))
+    try:
+        record = execute(task, EvalConfig(**config_dict), Path(output))
+    finally:
+        torch.set_num_threads(threads)
     path = run_path(Path(output), task["protocol"], task["category"], task["method"], task["seed"])
     write_text(path, json.dumps(record))
     return record
@@ -149,6 +183,7 @@ def evaluate(config: EvalConfig, output: str | Path, progress: bool = True) -> d
 
     config.validate()
     output = Path(output)
+    check_settings(config, output)
     tasks = plan(config)
     todo = [t for t in tasks if not run_path(output, **t).is_file()]
     args = [(t, asdict(config), str(output)) for t in todo]

@@ -45,11 +45,12 @@ def evaluate_maps(maps: Tensor, masks: Tensor, labels: Tensor, max_pixels: int =
         step = -(-pixels.numel() // max_pixels)
         pixels, target = pixels[::step], target[::step]
     images = normalise(image_scores(maps))
-    out = {
+    both = bool(labels.any()) and not bool(labels.all())  # image metrics need normal and anomalous images
+    nan = float("nan")
+    return {
         "pixel_AP": float(BinaryAveragePrecision()(pixels, target)),
         "pixel_AUROC": float(BinaryAUROC()(pixels, target)),
         "pixel_F1max": f1_max(pixels, target),
-        "image_AUROC": float(BinaryAUROC()(images, labels.long())),
-        "image_AP": float(BinaryAveragePrecision()(images, labels.long())),
+        "image_AUROC": float(BinaryAUROC()(images, labels.long())) if both else nan,
+        "image_AP": float(BinaryAveragePrecision()(images, labels.long())) if both else nan,
     }
-    return out
