@@ -391,3 +391,17 @@ def test_online_counter_restarts_for_a_new_trainer(tiny_root, tmp_path) -> None:
     dm.trainer = types.SimpleNamespace(training=True, current_epoch=0, global_rank=1)
     other_rank = dm.synthesize_train_batch(batch, epoch=5, rank=1)
     assert not torch.equal(other_rank.gt_mask, dm.synthesize_train_batch(batch, epoch=5, rank=0).gt_mask)
+
+
+def test_swap_finds_dsr_and_glass_generators() -> None:
+    from anomalib.models import Dsr, Glass
+
+    dsr = Dsr()
+    assert swap_augmenter(dsr, "cutpaste", probability=1.0, seed=0) == "perlin_generator"
+    glass = Glass(backbone="resnet18", pre_trained=False)
+    assert swap_augmenter(glass, "nsa", probability=1.0, seed=0) == "model.augmentor"
+    images = torch.rand(2, 3, 32, 32)
+    for augmenter in (dsr.perlin_generator, glass.model.augmentor):
+        out, masks = augmenter(images)
+        assert masks.shape == (2, 1, 32, 32) and masks.flatten(1).any(1).all()
+        assert torch.equal(out[masks.expand_as(out) == 0], images[masks.expand_as(out) == 0])

@@ -6,7 +6,9 @@ float masks [B, 1, H, W])`` out. :class:`SynthesizerAugmenter` offers that contr
 :func:`swap_augmenter` puts it in place of the model's generator, and the :class:`UseSynthesizer` callback does the
 swap at ``setup``, so that it works from YAML (``trainer.callbacks``) without forking anomalib.
 
-GLASS is not covered: its generator returns a second (dual) mask that our synthesizers do not produce.
+GLASS (``model.augmentor``, called on de-normalised images with probability 1) takes the same contract; its
+``dual_mask`` option only shapes anomalib's own Perlin masks. GLASS itself cannot be trained offline here (its
+``pre_trained=False`` path fails in anomalib 2.7's ``configure_optimizers``), so only the swap is tested for it.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from ..synthesizers import Synthesizer, get
 from ..synthesizers.base import make_generator
 from ..transforms import synthesize_batch
 
-AUGMENTER_ATTRIBUTES = ("augmenter", "perlin_generator")
-"""Attributes holding a model's own anomaly generator: DRAEM ``augmenter``, DSR ``perlin_generator``."""
+AUGMENTER_ATTRIBUTES = ("augmenter", "perlin_generator", "model.augmentor")
+"""Attributes holding a model's own anomaly generator: DRAEM ``augmenter``, DSR ``perlin_generator``, GLASS
+``model.augmentor`` (GLASS calls its generator with probability 1: pass ``probability=1.0``)."""
 
 
 class SynthesizerAugmenter(nn.Module):
@@ -59,8 +62,12 @@ def swap_augmenter(
         ValueError: if the model has none of :data:`AUGMENTER_ATTRIBUTES`.
     """
     for attribute in AUGMENTER_ATTRIBUTES:
-        if isinstance(getattr(model, attribute, None), nn.Module):
-            setattr(model, attribute, SynthesizerAugmenter(synthesizer, probability, seed))
+        *parents, name = attribute.split(".")
+        owner = model
+        for parent in parents:
+            owner = getattr(owner, parent, None)
+        if isinstance(getattr(owner, name, None), nn.Module):
+            setattr(owner, name, SynthesizerAugmenter(synthesizer, probability, seed))
             return attribute
     msg = (
         f"{type(model).__name__} has no anomaly generator to replace (looked for {', '.join(AUGMENTER_ATTRIBUTES)}); "
@@ -88,7 +95,10 @@ class UseSynthesizer(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         del stage
-        if self.replaced is None or not isinstance(getattr(pl_module, self.replaced), SynthesizerAugmenter):
+        current = pl_module
+        for part in (self.replaced or "").split("."):
+            current = getattr(current, part, None) if part else None
+        if not isinstance(current, SynthesizerAugmenter):
             # each DDP rank draws its own anomalies
             seed = None if self.seed is None else self.seed * 1_000_003 + trainer.global_rank
             self.replaced = swap_augmenter(pl_module, self.synthesizer, self.probability, seed)
