@@ -13,4 +13,4 @@ command=(anomalib-synth evaluate --data-root "$data"
   --image-size 96 --budget segmentation:steps=150 --budget draem:steps=10,batch_size=2
   --texture-dir "$data/textures/dtd/images" --output "$output" --workers 2)
 HF_HUB_OFFLINE=1 "${command[@]}" -q > /dev/null
-python benchmarks/make_results_doc.py "$output" docs --command "${command[*]}"
+python benchmarks/make_results_doc.py "$output" docs --command "${command[*]}" --notes docs/results_notes.md

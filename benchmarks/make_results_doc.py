@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("results", type=Path)
     parser.add_argument("docs", type=Path)
     parser.add_argument("--command", required=True)
+    parser.add_argument("--notes", type=Path, default=None, help="hand-written analysis placed before the tables")
     args = parser.parse_args()
     images = args.docs / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -53,9 +54,11 @@ def main() -> None:
         args.command,
         "```",
         "",
-        f"Machine: {results['machine']}. Sum of run times: {seconds / 60:.1f} CPU-minutes.",
+        f"Sum of run times: {seconds / 60:.1f} CPU-minutes.",
         "",
     ]
+    if args.notes:
+        header += [args.notes.read_text().strip(), ""]
     footer = ["", "## Plots", ""] + [f"![{p.stem}]({p.as_posix()})" for p in plots]
     (args.docs / "results.md").write_text("\n".join(header) + body.split("\n", 1)[1] + "\n".join(footer) + "\n")
 
