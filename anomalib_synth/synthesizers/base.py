@@ -169,9 +169,16 @@ class Synthesizer(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
 
     @staticmethod
-    def _result(images: Tensor, out: Tensor, masks: Tensor, params: Params, keys: tuple[str, ...]) -> SynthesisResult:
-        """Build the result: cast back to the input dtype, derive labels, export scalar params as JSON."""
-        labels = masks.flatten(1).any(1)
+    def _result(
+        images: Tensor,
+        out: Tensor,
+        masks: Tensor,
+        params: Params,
+        keys: tuple[str, ...],
+        labels: Tensor | None = None,
+    ) -> SynthesisResult:
+        """Build the result: cast back to the input dtype, derive labels (unless given), export params as JSON."""
+        labels = masks.flatten(1).any(1) if labels is None else labels
         if out.dtype != images.dtype:  # computed in float32: keep the input's own values outside the mask
             out = torch.where(masks, out.to(images.dtype), images)
         return SynthesisResult(

@@ -287,7 +287,8 @@ class PerlinSynthesizer(Synthesizer):
         beta = params["beta"].to(x)[b].unsqueeze(1)
         out = x.clone()
         out[b, :, y, xx] = torch.lerp(x[b, :, y, xx], source, beta)
-        return self._result(images, out, mask, params, self._param_keys)
+        labels = torch.bincount(b, minlength=x.shape[0]) > 0  # from the pixel list: no pass over the mask
+        return self._result(images, out, mask, params, self._param_keys, labels)
 
     def _noise(self, params: Params, size: tuple[int, int]) -> Tensor:
         """Rotated Perlin noise at up to 128 px on the short side (upsampled later by :meth:`_mask`)."""
@@ -352,4 +353,9 @@ class PerlinSynthesizer(Synthesizer):
         # interpolation to serve as an anomaly source
         sy = _mirror(sy.floor().long(), h)
         sx = _mirror(sx.floor().long(), w)
-        return x[b, :, sy, sx], x.amin(dim=(2, 3)), x.amax(dim=(2, 3))
+        values = x[b, :, sy, sx]
+        # autocontrast stretches the part of the source that is used, not the whole image (no full-image pass)
+        index = b.unsqueeze(1).expand_as(values)
+        low = values.new_full((x.shape[0], c), float("inf")).scatter_reduce(0, index, values, "amin")
+        high = values.new_full((x.shape[0], c), float("-inf")).scatter_reduce(0, index, values, "amax")
+        return values, low.clamp(0, 1), high.clamp(0, 1)
