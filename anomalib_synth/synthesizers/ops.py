@@ -80,13 +80,6 @@ def to_grayscale(x: Tensor) -> Tensor:
     return (x * weights).sum(1, keepdim=True)
 
 
-def match_channels(x: Tensor, channels: int) -> Tensor:
-    """Convert ``[B, 1|3, H, W]`` to ``channels`` channels (luma or replication)."""
-    if x.shape[1] == channels:
-        return x
-    return to_grayscale(x) if channels == 1 else x.expand(-1, 3, -1, -1)
-
-
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
