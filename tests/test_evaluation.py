@@ -157,3 +157,24 @@ def test_metrics_normalise_before_scoring() -> None:
     maps = torch.tensor([[[-5.0, 20.0, 40.0]]])
     assert evaluate_maps(maps, masks, torch.tensor([True]))["pixel_F1max"] == pytest.approx(1.0)
     assert normalise(maps).tolist() == [[[0.0, 0.5555555820465088, 1.0]]]
+
+
+@pytest.mark.slow
+def test_draem_and_anomalib_protocols_run(tmp_path) -> None:
+    root = make_mvtec(tmp_path / "data")
+    config = EvalConfig(
+        data_root=str(root), categories=["gravel"], synthesizers=["none", "cutpaste"], seeds=[0], image_size=32,
+        protocols=["draem", "anomalib"], workers=1,
+        budgets={"draem": {"steps": 1, "batch_size": 2}, "anomalib": {"steps": 2, "batch_size": 2}},
+        model="anomalib.models.Patchcore",
+        model_args={"backbone": "resnet18", "layers": ["layer2", "layer3"], "pre_trained": False,
+                    "coreset_sampling_ratio": 1.0},
+    )  # fmt: skip
+    results = evaluate(config, tmp_path / "out", progress=False)
+    methods = {(r["protocol"], r["method"]) for r in results["runs"]}
+    assert methods == {
+        ("draem", "control-untrained"), ("draem", "control-shot-diff"), ("draem", "cutpaste"),
+        ("anomalib", "control-shot-diff"), ("anomalib", "none"), ("anomalib", "cutpaste"),
+    }  # fmt: skip
+    for run in results["runs"]:
+        assert all(0.0 <= run["metrics"][m] <= 1.0 for m in ("pixel_AP", "pixel_AUROC")), run["method"]
