@@ -53,13 +53,6 @@ from .validation import check_range
 AUGMENT_OPS = ("gamma", "brightness", "hue_saturation", "solarize", "posterize", "invert", "autocontrast")
 
 
-def _mirror(index: Tensor, size: int) -> Tensor:
-    """Reflect integer pixel indices into ``[0, size)`` (``-1 -> 0``, ``size -> size - 1``)."""
-    period = 2 * size
-    index = index.remainder(period)
-    return torch.where(index >= size, period - 1 - index, index)
-
-
 def _lattice_weights(n: int, res: Tensor, lattice: int) -> tuple[Tensor, Tensor]:
     """Interpolation weights of the lattice lines for ``n`` pixels along one axis, per sample.
 
@@ -343,16 +336,24 @@ class PerlinSynthesizer(Synthesizer):
             if c == 1:
                 return to_grayscale(values[..., None, None])[:, :, 0, 0], low.amin(1, True), high.amax(1, True)
             return values, low, high
-        angle = torch.deg2rad(params["source_angle"].to(x))[b]
+        # source = the image rotated about its centre and shifted: per sample, s = t + R (p - centre), written as one
+        # affine map per sample and applied to the masked pixels with a single gather of its coefficients
+        angle = torch.deg2rad(params["source_angle"].to(x))
         cos, sin = torch.cos(angle), torch.sin(angle)
-        dy, dx = py - h / 2, px - w / 2
-        shift = params["shift"].to(x)[b] * x.new_tensor([h, w])
-        sy = shift[:, 0] - sin * dx + cos * dy
-        sx = shift[:, 1] + cos * dx + sin * dy
-        # nearest-neighbour lookup with mirrored borders: one gather, and a rotated copy of the image needs no
-        # interpolation to serve as an anomaly source
-        sy = _mirror(sy.floor().long(), h)
-        sx = _mirror(sx.floor().long(), w)
+        shift = params["shift"].to(x) * x.new_tensor([h, w])
+        affine = torch.stack(
+            (
+                shift[:, 0] - cos * h / 2 + sin * w / 2, cos, -sin,
+                shift[:, 1] - cos * w / 2 - sin * h / 2, sin, cos,
+            ),
+            dim=1,
+        )[b]  # fmt: skip
+        sy = torch.addcmul(torch.addcmul(affine[:, 0], affine[:, 1], py), affine[:, 2], px)
+        sx = torch.addcmul(torch.addcmul(affine[:, 3], affine[:, 4], py), affine[:, 5], px)
+        # nearest-neighbour lookup, wrapping around the borders: a rotated copy of the image needs no interpolation
+        # to serve as an anomaly source
+        sy = sy.floor().long().remainder_(h)
+        sx = sx.floor().long().remainder_(w)
         values = x[b, :, sy, sx]
         # autocontrast stretches the part of the source that is used, not the whole image (no full-image pass)
         index = b.unsqueeze(1).expand_as(values)
