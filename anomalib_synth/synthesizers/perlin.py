@@ -111,57 +111,52 @@ def sample_augment_params(batch: int, n_ops: int, generator: torch.Generator, de
 def apply_augment(values: Tensor, b: Tensor, p: Params, low: Tensor, high: Tensor) -> Tensor:
     """Apply :func:`sample_augment_params` draws to source pixels ``[N, C]`` of samples ``b``.
 
-    ``low`` / ``high`` (``[B, C]``) are the per-sample source extremes used by autocontrast. The order is
-    autocontrast, gamma, hue/saturation + gain + invert (folded into one affine colour map), offset, solarize,
-    posterize. Unselected operations get identity parameters; an operation no sample selected is skipped.
+    ``low`` / ``high`` (``[B, C]``) are the per-sample source extremes used by autocontrast. Autocontrast, the
+    hue/saturation rotation, gain, offset and invert are all affine, so they are folded into one ``C x C`` matrix and
+    bias per sample and applied with one product; then gamma, solarize and posterize follow. Unselected operations
+    get identity parameters (an unselected posterize quantises to 2**-20); an operation no sample selected is
+    skipped.
     """
     on = p["aug_ops"]
     one = torch.ones_like(p["aug_gamma"])
     c = values.shape[1]
-    # autocontrast as a per-sample affine map (identity when off)
     span = (high - low).clamp_min(1e-3)
-    scale = torch.where(on[:, 6:7], 1 / span, 1.0)
+    scale = torch.where(on[:, 6:7], 1 / span, 1.0)  # autocontrast: v -> scale * v + shift
     shift = torch.where(on[:, 6:7], -low / span, 0.0)
-    # hue/saturation rotation, gain and invert folded into one colour matrix + offset per sample
     gain = torch.where(on[:, 1], p["aug_gain"], one)
-    sign = torch.where(on[:, 5], -1.0, 1.0)
+    sign = torch.where(on[:, 5], -1.0, 1.0)  # invert: v -> 1 - v
     offset = torch.where(on[:, 1], p["aug_offset"], 0.0) * sign + torch.where(on[:, 5], 1.0, 0.0)
     if c == 3:
-        matrix = color_matrix(
+        colour = color_matrix(
             gain * sign,
             torch.where(on[:, 2], p["aug_saturation"], one),
             torch.where(on[:, 2], p["aug_hue"], 0.0),
-        ).flatten(1)
+        )
     else:
-        matrix = (gain * sign).view(-1, 1)
+        colour = (gain * sign).view(-1, 1, 1)
+    matrix = colour * scale.unsqueeze(1)  # colour @ diag(scale)
+    bias = (colour @ shift.unsqueeze(-1)).squeeze(-1) + offset.view(-1, 1)
+    levels = torch.where(on[:, 4], torch.exp2(p["aug_bits"].float()), 2.0**20)  # 2**20 levels: identity to 1e-6
     per_sample = torch.cat(
         (
-            scale,
-            shift,
+            matrix.flatten(1),
+            bias,
             torch.where(on[:, 0], p["aug_gamma"], one).view(-1, 1),
-            offset.view(-1, 1),
             torch.where(on[:, 3], p["aug_solarize"], 2.0).view(-1, 1),
-            torch.where(on[:, 4], torch.exp2(p["aug_bits"].float()), 0.0).view(-1, 1),
-            matrix,
+            levels.view(-1, 1),
         ),
         dim=1,
-    )[b]  # one gather: [N, 2C + 4 + C*C]
-    scale, shift = per_sample[:, :c], per_sample[:, c : 2 * c]
-    gamma, offset, solarize, levels = per_sample[:, 2 * c : 2 * c + 4].split(1, dim=1)
-    matrix = per_sample[:, 2 * c + 4 :]
-    values = torch.addcmul(shift, values, scale).clamp_(0, 1)
+    )[b]  # one gather: [N, C*C + C + 3]
+    cc = c * c
+    matrix, bias = per_sample[:, :cc].view(-1, c, c), per_sample[:, cc : cc + c]
+    gamma, solarize, levels = per_sample[:, cc + c :].split(1, dim=1)
+    values = torch.einsum("nij,nj->ni", matrix, values) if c == 3 else values * matrix[:, 0]
+    values = values.add_(bias).clamp_(0, 1)
     if bool(on[:, 0].any()):
         values = values.pow_(gamma)
-    if c == 3:
-        values = torch.einsum("nij,nj->ni", matrix.view(-1, 3, 3), values)
-    else:
-        values = values * matrix
-    values = values.add_(offset).clamp_(0, 1)
     if bool(on[:, 3].any()):
         values = torch.where(values >= solarize, 1 - values, values)
-    if bool(on[:, 4].any()):
-        values = torch.where(levels > 0, torch.floor(values * levels) / levels.clamp_min(1), values)
-    return values
+    return values.mul_(levels).floor_().div_(levels)
 
 
 @register("perlin")
