@@ -281,10 +281,12 @@ class _BatchSpy:
         class Spy(Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 spy.labels.append(batch.gt_label.clone())
-                spy.mean.append(float(batch.image.mean()))
+                spy.low.append(float(batch.image.min()))
+                spy.high.append(float(batch.image.max()))
 
         self.labels: list[torch.Tensor] = []
-        self.mean: list[float] = []
+        self.low: list[float] = []
+        self.high: list[float] = []
         self.callback = Spy()
 
 
@@ -302,6 +304,8 @@ def test_supersimplenet_trains_on_online_anomalies(tiny_root, tmp_path, monkeypa
     engine.fit(model=model, datamodule=dm)
     labels = torch.cat(spy.labels)
     assert labels.any() and not labels.all(), "about half of the training samples are anomalous"
+    # user callbacks run before the model's PreProcessor: the synthesized batch is still in [0, 1], un-normalised
+    assert min(spy.low) >= 0.0 and max(spy.high) <= 1.0
     results = engine.test(model=model, datamodule=dm)
     assert "image_AUROC" in results[0]
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .ops import binary_open_close, rand, sample_points
+from .validation import check_choice
 
 ForegroundMode = Literal["none", "auto"]
 FOREGROUND_MODES = ("none", "auto")
@@ -78,10 +79,7 @@ def resolve_foreground(images: Tensor, fg_masks: Tensor | None, mode: str) -> Te
 
 
 def check_foreground_mode(mode: str) -> str:
-    if mode not in FOREGROUND_MODES:
-        msg = f"foreground must be one of {FOREGROUND_MODES}, got {mode!r}"
-        raise ValueError(msg)
-    return mode
+    return check_choice("foreground", mode, FOREGROUND_MODES)
 
 
 def sample_centres(
