@@ -54,6 +54,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     kwargs = _parse_options(args.option)
     if args.foreground:
         kwargs["foreground"] = args.foreground
+    if args.model_path:
+        kwargs["model"] = args.model_path
     start = time.perf_counter()
     records = generate(
         args.source,
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grayscale", action="store_true", help="load images as 1-channel")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="synthesizer argument, e.g. -o beta=[0.5,1.0] -o texture_dir=dtd/images")  # fmt: skip
+    p.add_argument("--model-path", default=None,
+                   help="diffusion synthesizers: Hub id or local folder of the base model (sets option model=)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 

@@ -2,7 +2,7 @@
 
 >>> from anomalib_synth import synthesizers
 >>> sorted(synthesizers.available())
-['anomalib-perlin', 'cutpaste', 'nsa', 'perlin', 'scar']
+['anomalib-perlin', 'anomalyany', 'cutpaste', 'inpainting', 'nsa', 'perlin', 'scar']
 """
 
 from .anomalib_perlin import AnomalibPerlinSynthesizer
@@ -10,7 +10,7 @@ from .base import Params, SynthesisResult, Synthesizer, make_generator
 from .cutpaste import CutPasteSynthesizer
 from .nsa import NSASynthesizer
 from .perlin import PerlinSynthesizer
-from .registry import available, get, get_class, register
+from .registry import available, get, get_class, register, register_lazy
 
 
 @register("scar")
@@ -23,6 +23,12 @@ class ScarSynthesizer(CutPasteSynthesizer):
         kwargs.setdefault("mode", "scar")
         super().__init__(**kwargs)
 
+
+# diffusion synthesizers import diffusers only when first asked for
+register_lazy("inpainting", "anomalib_synth.synthesizers.diffusion.inpainting:InpaintingSynthesizer",
+              "Stable Diffusion inpainting of a drawn defect mask with a defect prompt (baseline)")  # fmt: skip
+register_lazy("anomalyany", "anomalib_synth.synthesizers.diffusion.anomalyany:AnomalyAnySynthesizer",
+              "AnomalyAny: training-free, attention-guided Stable Diffusion from one normal image")  # fmt: skip
 
 __all__ = [
     "AnomalibPerlinSynthesizer",

@@ -278,6 +278,10 @@ class PerlinSynthesizer(Synthesizer):
         labels = torch.bincount(b, minlength=x.shape[0]) > 0  # from the pixel list: no pass over the mask
         return self._result(images, out, mask, params, self._param_keys, labels)
 
+    def sample_masks(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Tensor:
+        """Only the masks (bool ``[B, 1, H, W]``) this synthesizer would draw: the mask generator of other methods."""
+        return self._mask(self.sample_params(images, fg_masks, generator), images.shape[-2:])
+
     def _noise(self, params: Params, size: tuple[int, int]) -> Tensor:
         """Rotated Perlin noise at up to 128 px on the short side (upsampled later by :meth:`_mask`)."""
         h, w = size

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .base import Synthesizer
 
 _REGISTRY: dict[str, type[Synthesizer]] = {}
+_LAZY: dict[str, tuple[str, str]] = {}
 S = TypeVar("S", bound=type[Synthesizer])
 
 
@@ -15,6 +17,7 @@ def register(name: str) -> Callable[[S], S]:
     """Class decorator: register a :class:`Synthesizer` under ``name`` (also set as its ``name`` attribute)."""
 
     def wrap(cls: S) -> S:
+        _LAZY.pop(name, None)
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             msg = f"synthesizer name {name!r} is already registered by {_REGISTRY[name].__qualname__}"
             raise ValueError(msg)
@@ -25,17 +28,28 @@ def register(name: str) -> Callable[[S], S]:
     return wrap
 
 
+def register_lazy(name: str, target: str, description: str) -> None:
+    """Register ``"module:Class"`` under ``name`` without importing it (for heavy optional dependencies)."""
+    if name not in _REGISTRY:
+        _LAZY[name] = (target, description)
+
+
 def available() -> dict[str, str]:
     """``{short name: one-line description}`` of every registered synthesizer, sorted by name."""
-    return {name: cls.description for name, cls in sorted(_REGISTRY.items())}
+    entries = {name: cls.description for name, cls in _REGISTRY.items()}
+    entries.update({name: description for name, (_, description) in _LAZY.items()})
+    return dict(sorted(entries.items()))
 
 
 def get_class(name: str) -> type[Synthesizer]:
     """The synthesizer class registered under ``name``; ``ValueError`` listing the choices otherwise."""
+    if name in _LAZY:
+        module, _, attr = _LAZY[name][0].partition(":")
+        return getattr(importlib.import_module(module), attr)
     try:
         return _REGISTRY[name]
     except KeyError:
-        msg = f"unknown synthesizer {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        msg = f"unknown synthesizer {name!r}; available: {', '.join(available())}"
         raise ValueError(msg) from None
 
 

@@ -1,0 +1,130 @@
+"""What the diffusion synthesizers share: prompt choice, mask drawing, seeds, model resolution and paste-back.
+
+``sample_params`` draws, for the whole batch and from the caller's generator only: a defect mask (a Perlin blob of
+:class:`~anomalib_synth.synthesizers.perlin.PerlinSynthesizer`, on the object when ``foreground="auto"``), a prompt
+index and a noise seed per sample. ``apply`` is then deterministic: each sample's diffusion noise comes from its own
+generator seeded with its seed, so a sample does not depend on the rest of its batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..base import Params, Synthesizer
+from ..ops import randint
+from ..perlin import PerlinSynthesizer
+from ..placement import check_foreground_mode, resolve_foreground
+from ..validation import check_range
+from .prompts import AnomalyPrompt, prompts_for
+
+__all__ = ["DiffusionSynthesizer", "composite", "to_model_size"]
+
+SEED_HIGH = 2**31 - 1
+
+
+def to_model_size(images: Tensor, size: int) -> Tensor:
+    """Resize ``[B, C, H, W]`` images (1 or 3 channels) to the model's square ``size`` as RGB float32."""
+    x = images.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return x
+
+
+def composite(images: Tensor, generated: Tensor, masks: Tensor) -> Tensor:
+    """Generated pixels (model size, RGB) inside ``masks`` (input size), the input's own pixels elsewhere."""
+    out = F.interpolate(generated.float(), size=images.shape[-2:], mode="bicubic", antialias=True, align_corners=False)
+    out = out.clamp(0, 1)
+    if images.shape[1] == 1:
+        out = out.mean(1, keepdim=True)
+    return torch.where(masks, out.to(images.dtype), images)
+
+
+class DiffusionSynthesizer(Synthesizer):
+    """Base of the diffusion synthesizers (not registered itself).
+
+    Args:
+        category (str | None): MVTec AD / VisA category for the prompt vocabulary (see
+            :mod:`~anomalib_synth.synthesizers.diffusion.prompts`). Defaults to ``None`` (a generic object).
+        object_name (str | None): the object's name in prompts. Defaults to the vocabulary's.
+        defects (list[str] | None): defect words to draw from. Defaults to the vocabulary's.
+        captions (str | Path | None): MVTec-Caption-style JSON for detailed descriptions. Defaults to ``None``.
+        prompts (list[AnomalyPrompt] | None): explicit prompts; override the four options above.
+        foreground (str): ``"none"`` or ``"auto"`` (defects on the object). Defaults to ``"auto"``.
+        mask_area (tuple[float, float]): fraction of the foreground each drawn mask covers. Defaults to
+            ``(0.02, 0.1)``.
+        resolution (int | None): side the model runs at. Defaults to the UNet's native size (512 for SD 1.5).
+        progress (bool): show the per-call denoising progress bar. Defaults to ``False``.
+    """
+
+    draws_masks: bool = True
+    """Whether :meth:`sample_params` draws a defect mask (methods whose mask comes from the model set ``False``)."""
+
+    def __init__(
+        self,
+        category: str | None = None,
+        object_name: str | None = None,
+        defects: list[str] | None = None,
+        captions: str | Path | None = None,
+        prompts: list[AnomalyPrompt] | None = None,
+        foreground: str = "auto",
+        mask_area: tuple[float, float] = (0.02, 0.1),
+        resolution: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        self.category, self.object_name = category, object_name
+        self.defects = None if defects is None else list(defects)
+        self.captions = None if captions is None else str(captions)
+        self.prompts = list(prompts) if prompts else prompts_for(category, object_name, self.defects, captions)
+        if not self.prompts:
+            msg = "no prompts: give a category, defects or prompts"
+            raise ValueError(msg)
+        self.foreground = check_foreground_mode(foreground)
+        self.mask_area = check_range("mask_area", mask_area, 1e-4, 1.0)
+        self.masker = PerlinSynthesizer(area_range=self.mask_area, scale_range=(0, 3), foreground="none")
+        self._resolution = resolution
+        self.progress = progress
+
+    @property
+    def resolution(self) -> int:
+        """Side length the model runs at."""
+        raise NotImplementedError
+
+    def _base_config(self) -> dict[str, Any]:
+        custom = None if self.defects or self.category or self.captions else [vars(p) for p in self.prompts]
+        return {
+            "category": self.category,
+            "object_name": self.object_name,
+            "defects": self.defects,
+            "captions": self.captions,
+            "prompts": custom,
+            "foreground": self.foreground,
+            "mask_area": list(self.mask_area),
+            "resolution": self.resolution,
+        }
+
+    def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
+        b, device = images.shape[0], images.device
+        fg = resolve_foreground(images, fg_masks, self.foreground)
+        params = {
+            "fg": torch.ones_like(images[:, :1], dtype=torch.bool) if fg is None else fg,
+            "prompt": randint(0, len(self.prompts) - 1, (b,), generator, device),
+            "seed": randint(0, SEED_HIGH, (b,), generator, device),
+        }
+        if self.draws_masks:
+            params["mask"] = self.masker.sample_masks(images, fg, generator)
+        return params
+
+    def prompt_texts(self, params: Params) -> list[AnomalyPrompt]:
+        return [self.prompts[i] for i in params["prompt"].tolist()]
+
+    @property
+    def model_device(self) -> torch.device:
+        return next(self.parameters()).device
