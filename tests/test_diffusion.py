@@ -316,3 +316,12 @@ def test_anomalyany_in_datamodule_cache_mode(tiny, tmp_path) -> None:
     assert (samples.label_index == 1).sum() == 2
     item = dm.train_data[int((samples.label_index == 1).to_numpy().nonzero()[0][0])]
     assert bool(item.gt_label) and item.gt_mask.any()
+
+
+def test_anomalyany_attention_slicing_gives_the_same_image(anomalyany, tiny, photos) -> None:
+    sliced = get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], category="bottle", attention_slicing=True,
+                 device="cpu", **FAST)  # fmt: skip
+    assert any("Sliced" in type(p).__name__ for p in sliced.unet.attn_processors.values())
+    a, b = anomalyany(photos[:1], generator=gen(5)), sliced(photos[:1], generator=gen(5))
+    torch.testing.assert_close(a.images, b.images, atol=2e-3, rtol=0)
+    assert not any(p.requires_grad for p in sliced.parameters()), "loaded models are frozen"

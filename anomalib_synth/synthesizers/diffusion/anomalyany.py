@@ -109,6 +109,7 @@ class AnomalyAnySynthesizer(DiffusionSynthesizer):
             foreground only, as the paper's images; the label then misses benign changes). Defaults to ``"mask"``.
         torch_dtype (str | torch.dtype | None): weights dtype. Defaults to float32.
         local_files_only (bool | None): never contact the Hub (``None`` follows ``HF_HUB_OFFLINE``).
+        attention_slicing (bool): sliced self-attention, to save memory at some speed. Defaults to ``False``.
         **kwargs: prompt and resolution options of
             :class:`~anomalib_synth.synthesizers.diffusion.common.DiffusionSynthesizer`.
 
@@ -148,6 +149,7 @@ class AnomalyAnySynthesizer(DiffusionSynthesizer):
         paste_back: str = "mask",
         torch_dtype: str | torch.dtype | None = None,
         local_files_only: bool | None = None,
+        attention_slicing: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -202,8 +204,9 @@ class AnomalyAnySynthesizer(DiffusionSynthesizer):
                                     dtype=self.torch_dtype)  # fmt: skip
         self.clip_tokenizer = load_pretrained(CLIPTokenizer, self.clip_model, "AnomalyAny: CLIP tokenizer",
                                               local_files_only)  # fmt: skip
-        for module in (self.unet, self.vae, self.text_encoder, self.clip):
-            module.requires_grad_(False).eval()
+        if attention_slicing:  # self-attention only: attach_attention_store replaces the attn2 processors per call
+            self.unet.set_attention_slice("auto")
+        self._loaded()
 
     @property
     def resolution(self) -> int:

@@ -61,6 +61,8 @@ class DiffusionSynthesizer(Synthesizer):
             ``(0.02, 0.1)``.
         resolution (int | None): side the model runs at. Defaults to the UNet's native size (512 for SD 1.5).
         progress (bool): show the per-call denoising progress bar. Defaults to ``False``.
+        device (str | torch.device | None): where the models go once loaded. Defaults to ``None`` (stay on the CPU
+            until ``.to(device)``; ``anomalib-synth generate`` and the datamodule move synthesizers themselves).
     """
 
     draws_masks: bool = True
@@ -77,6 +79,7 @@ class DiffusionSynthesizer(Synthesizer):
         mask_area: tuple[float, float] = (0.02, 0.1),
         resolution: int | None = None,
         progress: bool = False,
+        device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
         self.category, self.object_name = category, object_name
@@ -91,6 +94,14 @@ class DiffusionSynthesizer(Synthesizer):
         self.masker = PerlinSynthesizer(area_range=self.mask_area, scale_range=(0, 3), foreground="none")
         self._resolution = resolution
         self.progress = progress
+        self.device = device
+
+    def _loaded(self) -> None:
+        """Freeze the loaded models and move them to ``device`` (subclasses call this at the end of ``__init__``)."""
+        for module in self.children():
+            module.requires_grad_(False).eval()
+        if self.device is not None:
+            self.to(self.device)
 
     @property
     def resolution(self) -> int:

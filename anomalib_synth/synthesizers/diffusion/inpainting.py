@@ -84,6 +84,7 @@ class InpaintingSynthesizer(DiffusionSynthesizer):
             self.pipeline.enable_attention_slicing()
         self.pipeline.set_progress_bar_config(disable=not self.progress)
         self.unet, self.vae, self.text_encoder = self.pipeline.unet, self.pipeline.vae, self.pipeline.text_encoder
+        self._loaded()
 
     @property
     def resolution(self) -> int:
