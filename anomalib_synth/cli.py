@@ -72,7 +72,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         **kwargs,
     )
     anomalous = sum(r["label"] for r in records)
-    print(f"wrote {len(records)} samples ({anomalous} anomalous) to {args.output} in {time.perf_counter() - start:.1f}s")
+    print(
+        f"wrote {len(records)} samples ({anomalous} anomalous) to {args.output} in {time.perf_counter() - start:.1f}s"
+    )
     return 0
 
 
@@ -163,8 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grayscale", action="store_true", help="load images as 1-channel")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="synthesizer argument, e.g. -o beta=[0.5,1.0] -o texture_dir=dtd/images")  # fmt: skip
-    p.add_argument("--model-path", default=None,
-                   help="diffusion synthesizers: Hub id or local folder of the base model (sets option model=)")
+    p.add_argument(
+        "--model-path",
+        default=None,
+        help="diffusion synthesizers: Hub id or local folder of the base model (sets option model=)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 
@@ -199,8 +204,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cmd_train_xfusion(args: argparse.Namespace) -> int:
+    from .training.xfusion import train_xfusion
+
+    adapter = train_xfusion(
+        args.data_root, args.captions, output=args.output,
+        categories=args.categories.split(",") if args.categories else None,
+        base_model=args.base_model, clip_model=args.clip_model, max_steps=args.max_steps,
+        batch_size=args.batch_size, image_size=args.image_size, lr=args.lr, num_tokens=args.num_tokens,
+        lora_rank=args.lora_rank, precision=args.precision, accelerator=args.accelerator, devices=args.devices,
+        strategy=args.strategy, checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.quiet,
+    )  # fmt: skip
+    print(f"adapter written to {adapter}")
+    return 0
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """``anomalib-synth train xfusion|control ...``: our adapters (every other ``train`` goes to anomalib's CLI)."""
+    from .synthesizers.diffusion.loading import CLIP_VIT_L14, SD15
+
+    parser = argparse.ArgumentParser(prog="anomalib-synth train", description=build_train_parser.__doc__)
+    sub = parser.add_subparsers(dest="method", required=True)
+    p = sub.add_parser("xfusion", help="train an AnomalyXFusion adapter (MIF + DDF [+ LoRA]) on captioned defects")
+    p.add_argument("--data-root", required=True, help="folder of <category>/test/<defect>/NNN.png + ground_truth/")
+    p.add_argument("--captions", required=True, help="MVTec-Caption JSON {category: {defect: [caption, ...]}}")
+    p.add_argument("--categories", default=None, help="comma-separated (default: every captioned category found)")
+    p.add_argument("--output", default="xfusion_run", help="run folder: checkpoints/, logs/, adapter/")
+    p.add_argument("--base-model", default=SD15)
+    p.add_argument("--clip-model", default=CLIP_VIT_L14)
+    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--num-tokens", type=int, default=4, help="k tokens per modality")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA on cross-attention (0 = off; needs peft)")
+    p.add_argument("--precision", default=None, help="Lightning precision (default 16-mixed on CUDA, else 32-true)")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", default="auto")
+    p.add_argument("--strategy", default="auto", help="e.g. ddp for several GPUs")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=_cmd_train_xfusion, command="train xfusion")
+    return parser
+
+
+OUR_TRAINERS = ("xfusion",)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[0] == "train" and argv[1] in OUR_TRAINERS:
+        args = build_train_parser().parse_args(argv[1:])
+        try:
+            return args.func(args)
+        except ValueError as err:
+            print(f"anomalib-synth {args.command}: error: {err}", file=sys.stderr)
+            return 2
     if argv and argv[0] in ANOMALIB_COMMANDS:
         return run_anomalib(argv)
     parser = build_parser()
@@ -210,8 +270,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # bad input: a clear message, no traceback
         print(f"anomalib-synth {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
 
 
 if __name__ == "__main__":

@@ -30,5 +30,13 @@ def object_on_background() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(images).clamp(0, 1), torch.stack(masks)
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    """Tiny random diffusion and CLIP models saved with ``save_pretrained`` (``sd``, ``sd-inpainting``, ``clip``)."""
+    from anomalib_synth.synthesizers.diffusion.tiny import save_tiny_models
+
+    return save_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,17 +22,11 @@ from anomalib_synth.synthesizers.diffusion.attention import (
 )
 from anomalib_synth.synthesizers.diffusion.loading import ModelNotFoundError, load_pretrained
 from anomalib_synth.synthesizers.diffusion.prompts import load_captions, prompts_for
-from anomalib_synth.synthesizers.diffusion.tiny import save_tiny_models
 from tests.conftest import gen
 
 # the smallest schedule that still has guided, plain and refinement steps: 8 steps x 0.5 = 4 executed steps
 FAST = {"num_inference_steps": 8, "gamma": 0.5, "attention_steps": 2, "inner_steps": 2, "refine_fraction": 0.25,
         "localized_range": None}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    return save_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ class CategoryData:
         return shots, test
 
 
-def _masks_for(ground_truth: Path, image: Path) -> list[Path]:
+def masks_for(ground_truth: Path, image: Path) -> list[Path]:
     stem = image.stem
     for candidate in (ground_truth / f"{stem}_mask.png", ground_truth / f"{stem}.png"):
         if candidate.is_file():
@@ -78,7 +78,7 @@ def load_category(root: str | Path, category: str) -> CategoryData:
     test: list[TestSample] = []
     for folder in sorted(p for p in test_root.iterdir() if p.is_dir()):
         for image in list_images(folder, recursive=False):
-            masks = [] if folder.name == "good" else _masks_for(base / "ground_truth" / folder.name, image)
+            masks = [] if folder.name == "good" else masks_for(base / "ground_truth" / folder.name, image)
             test.append(TestSample(image, folder.name, masks))
     if not any(s.label for s in test):
         msg = f"{base} has no anomalous test images"

@@ -1,0 +1,498 @@
+"""AnomalyXFusion: multi-modal anomaly synthesis with diffusion (Hu et al., arXiv 2404.19444).
+
+No complete official code exists (the public repository has the MVTec-Caption scripts and a partial LDM
+embedding manager), so this is our implementation of the paper, on Stable Diffusion 1.5.
+
+- :class:`MultiModalInFusion` (MIF, Sec. 4.2) fuses three embeddings of ``k`` tokens of width ``d`` (the UNet's
+  cross-attention width) into the X-embedding:
+
+  - semantic (Eq. 1): the pooled frozen CLIP text embedding of the caption, replicated ``k`` times and
+    L2-normalised;
+  - location (Eq. 2): a mask encoder followed by a one-layer CNN. *Departure:* the paper uses a pre-trained ISTR mask
+    encoder, which is not available; ours is a small convolutional encoder trained with the rest;
+  - textural (Eq. 3): the frozen CLIP image encoder on ``image * mask``, projected to ``k x d``;
+  - concatenation (Eq. 4), then self-attention + MLP with residuals (Eq. 5).
+
+- :class:`DynamicDifFusion` (DDF, Sec. 4.3, Eq. 14): ``e_t = f_phi(e_X, t)``, an MLP on the sinusoidal timestep
+  embedding concatenated with ``e_X`` (residual), applied at every denoising step. The partial public code omits it.
+- Conditioning: ``[caption tokens ; e_t]`` goes to the UNet's cross-attention. *Departure:* the paper's code base is
+  the older LDM (``txt2img-f8-large``, BERT context); we use SD 1.5, frozen, with optional LoRA on the
+  cross-attention projections (peft).
+- Blended training and sampling (Eq. 16): inside the mask the model denoises; outside it the noised original
+  ``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` is kept. The loss (Eq. 17) is the noise-prediction error in the
+  **L2** norm (the simplified DDPM objective SD was trained with; L1 would change the frozen UNet's optimum),
+  weighted ``1`` inside the (latent) mask and ``background_weight`` (0.1) outside, because outside the mask the
+  sampler discards the prediction anyway.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..base import Params, SynthesisResult
+from ..registry import register
+from .common import DiffusionSynthesizer, composite, to_model_size
+from .latents import decode, encode, generators_for, latent_mask, noise_like, noise_to_timestep, vae_scale_factor
+from .loading import CLIP_VIT_L14, SD15, ModelNotFoundError, load_pretrained, resolve_dtype
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "DynamicDifFusion",
+    "MaskEncoder",
+    "MultiModalInFusion",
+    "XFusionAdapter",
+    "XFusionModel",
+    "XFusionSynthesizer",
+]
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+LORA_WEIGHTS = "lora.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class MaskEncoder(nn.Module):
+    """A small convolutional mask encoder (stands in for the paper's pre-trained ISTR encoder, Sec. 4.2)."""
+
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64), size: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = 1
+        for width in channels:
+            layers += [
+                nn.Conv2d(previous, width, 3, stride=2, padding=1),
+                nn.GroupNorm(min(8, width), width),
+                nn.SiLU(),
+            ]
+            previous = width
+        self.layers, self.size = nn.Sequential(*layers), size
+        self.out_channels = previous
+
+    def forward(self, masks: Tensor) -> Tensor:
+        x = F.interpolate(masks.float(), size=(self.size, self.size), mode="area")
+        return F.adaptive_avg_pool2d(self.layers(x), 4)  # [B, C, 4, 4]
+
+
+class MultiModalInFusion(nn.Module):
+    """MIF (Sec. 4.2, Eq. 1-5): semantic, location and textural embeddings fused into the X-embedding ``[B, 3k, d]``.
+
+    Args:
+        dim (int): token width ``d`` (the UNet's ``cross_attention_dim``).
+        num_tokens (int): tokens per modality ``k``. Defaults to ``4``.
+        text_dim (int): width of the pooled caption embedding. Defaults to ``dim``.
+        image_dim (int): width of the CLIP image embedding. Defaults to ``dim``.
+        heads (int): heads of the aggregator's self-attention. Defaults to the largest of 8, 4, 2, 1 dividing ``dim``.
+        mask_channels (tuple[int, ...]): widths of the mask encoder. Defaults to ``(16, 32, 64)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_tokens: int = 4,
+        text_dim: int | None = None,
+        image_dim: int | None = None,
+        heads: int | None = None,
+        mask_channels: tuple[int, ...] = (16, 32, 64),
+    ) -> None:
+        super().__init__()
+        self.dim, self.num_tokens = dim, num_tokens
+        text_dim, image_dim = text_dim or dim, image_dim or dim
+        self.semantic_proj = nn.Identity() if text_dim == dim else nn.Linear(text_dim, dim)
+        self.mask_encoder = MaskEncoder(tuple(mask_channels))
+        self.location_head = nn.Conv2d(self.mask_encoder.out_channels, num_tokens * dim, kernel_size=4)  # one layer
+        self.texture_proj = nn.Linear(image_dim, num_tokens * dim)
+        heads = heads or next(h for h in (8, 4, 2, 1) if dim % h == 0)
+        self.attention_norm, self.mlp_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def semantic(self, text_features: Tensor) -> Tensor:
+        """Eq. 1: replicated, L2-normalised caption embedding ``[B, k, d]``."""
+        tokens = self.semantic_proj(text_features).unsqueeze(1).expand(-1, self.num_tokens, -1)
+        return F.normalize(tokens, dim=-1)
+
+    def location(self, masks: Tensor) -> Tensor:
+        """Eq. 2: mask encoder + one-layer CNN, ``[B, k, d]``."""
+        return self.location_head(self.mask_encoder(masks)).view(-1, self.num_tokens, self.dim)
+
+    def texture(self, image_features: Tensor) -> Tensor:
+        """Eq. 3: projected CLIP embedding of ``image * mask``, ``[B, k, d]``."""
+        return self.texture_proj(image_features).view(-1, self.num_tokens, self.dim)
+
+    def forward(self, text_features: Tensor, masks: Tensor, image_features: Tensor) -> Tensor:
+        x = torch.cat([self.semantic(text_features), self.location(masks), self.texture(image_features)], 1)  # Eq. 4
+        h = self.attention_norm(x)
+        x = x + self.attention(h, h, h, need_weights=False)[0]  # Eq. 5
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DynamicDifFusion(nn.Module):
+    """DDF (Sec. 4.3, Eq. 14): ``e_t = e_X + MLP([e_X ; emb(t)])``, the X-embedding adapted to the timestep."""
+
+    def __init__(self, dim: int, time_dim: int | None = None, hidden: int | None = None) -> None:
+        super().__init__()
+        self.time_dim = time_dim or dim
+        hidden = hidden or 2 * dim
+        self.mlp = nn.Sequential(nn.Linear(dim + self.time_dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x_embedding: Tensor, timesteps: Tensor) -> Tensor:
+        from diffusers.models.embeddings import get_timestep_embedding
+
+        t = torch.as_tensor(timesteps, device=x_embedding.device).reshape(-1).expand(x_embedding.shape[0])
+        emb = get_timestep_embedding(t, self.time_dim).to(x_embedding.dtype)
+        emb = emb.unsqueeze(1).expand(-1, x_embedding.shape[1], -1)
+        return x_embedding + self.mlp(torch.cat([x_embedding, emb], -1))
+
+
+class XFusionAdapter(nn.Module):
+    """The trained part: MIF + DDF, saved as ``adapter.safetensors`` + ``adapter_config.json`` (+ ``lora.safetensors``).
+
+    The base models are referenced by id or path in the config, never copied.
+    """
+
+    def __init__(self, dim: int, num_tokens: int = 4, text_dim: int | None = None, image_dim: int | None = None,
+                 base_model: str = SD15, clip_model: str = CLIP_VIT_L14, lora_rank: int = 0) -> None:  # fmt: skip
+        super().__init__()
+        self.settings = {"dim": dim, "num_tokens": num_tokens, "text_dim": text_dim, "image_dim": image_dim,
+                         "base_model": str(base_model), "clip_model": str(clip_model), "lora_rank": int(lora_rank)}  # fmt: skip
+        self.mif = MultiModalInFusion(dim, num_tokens, text_dim, image_dim)
+        self.ddf = DynamicDifFusion(dim)
+
+    def save_pretrained(self, folder: str | Path, lora_state: dict[str, Tensor] | None = None) -> Path:
+        """Write the adapter (atomically, file by file) and return the folder."""
+        from safetensors.torch import save_file
+
+        from ...io import atomic_path, write_text
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        if lora_state:
+            with atomic_path(folder / LORA_WEIGHTS) as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, str(tmp))
+        write_text(folder / ADAPTER_CONFIG, json.dumps({"type": "xfusion", **self.settings}, indent=2))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> tuple[XFusionAdapter, dict[str, Tensor] | None]:
+        """Load an adapter folder; returns the adapter and the LoRA state (``None`` without LoRA).
+
+        Raises:
+            ModelNotFoundError: when the folder or its files are missing.
+        """
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+            msg = (f"AnomalyXFusion adapter: {str(folder)!r} has no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}; train one "
+                   "with `anomalib-synth train xfusion ... --output DIR` and pass DIR/adapter")  # fmt: skip
+            raise ModelNotFoundError(msg)
+        settings = json.loads((folder / ADAPTER_CONFIG).read_text())
+        settings.pop("type", None)
+        adapter = cls(**settings)
+        adapter.load_state_dict(load_file(str(folder / ADAPTER_WEIGHTS)))
+        lora = load_file(str(folder / LORA_WEIGHTS)) if (folder / LORA_WEIGHTS).is_file() else None
+        return adapter, lora
+
+
+LORA_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+
+
+class XFusionModel(nn.Module):
+    """The torch core of AnomalyXFusion: frozen SD 1.5 + CLIP image encoder, a trainable :class:`XFusionAdapter`.
+
+    Args:
+        base_model (str | Path): Stable Diffusion pipeline (Hub id or folder). Defaults to SD 1.5.
+        clip_model (str | Path): CLIP with a vision tower, for the textural embedding. Defaults to ViT-L/14.
+        adapter (XFusionAdapter | str | Path | None): a trained adapter (or its folder); ``None`` builds a new one.
+        num_tokens (int): ``k`` for a new adapter. Defaults to ``4``.
+        lora_rank (int): LoRA rank on the cross-attention projections for a new adapter (0 = none, needs peft).
+        background_weight (float): loss weight outside the mask (Eq. 17). Defaults to ``0.1``.
+        caption_dropout (float): probability of training on the empty caption (for guidance). Defaults to ``0.1``.
+        torch_dtype, local_files_only: as in the other diffusion synthesizers.
+    """
+
+    def __init__(
+        self,
+        base_model: str | Path | None = None,
+        clip_model: str | Path | None = None,
+        adapter: XFusionAdapter | str | Path | None = None,
+        num_tokens: int = 4,
+        lora_rank: int = 0,
+        background_weight: float = 0.1,
+        caption_dropout: float = 0.1,
+        torch_dtype: str | torch.dtype | None = None,
+        local_files_only: bool | None = None,
+    ) -> None:
+        super().__init__()
+        from diffusers import StableDiffusionPipeline
+        from transformers import CLIPVisionModelWithProjection
+
+        lora_state = None
+        if isinstance(adapter, (str, Path)):
+            adapter, lora_state = XFusionAdapter.from_pretrained(adapter)
+        settings = adapter.settings if adapter is not None else {}
+        self.base_model = str(base_model or settings.get("base_model", SD15))
+        self.clip_model = str(clip_model or settings.get("clip_model", CLIP_VIT_L14))
+        dtype = resolve_dtype(torch_dtype)
+        pipe = load_pretrained(StableDiffusionPipeline, self.base_model, "AnomalyXFusion: Stable Diffusion",
+                               local_files_only, dtype=dtype, safety_checker=None, requires_safety_checker=False)  # fmt: skip
+        self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        self.tokenizer, self.scheduler_config, self._scheduler_cls = (
+            pipe.tokenizer,
+            pipe.scheduler.config,
+            type(pipe.scheduler),
+        )
+        self.image_encoder = load_pretrained(CLIPVisionModelWithProjection, self.clip_model,
+                                             "AnomalyXFusion: CLIP image encoder", local_files_only, dtype=dtype)  # fmt: skip
+        for module in (self.unet, self.vae, self.text_encoder, self.image_encoder):
+            module.requires_grad_(False).eval()
+        if adapter is None:
+            adapter = XFusionAdapter(self.unet.config.cross_attention_dim, num_tokens,
+                                     self.text_encoder.config.hidden_size, self.image_encoder.config.projection_dim,
+                                     self.base_model, self.clip_model, lora_rank)  # fmt: skip
+        self.adapter = adapter
+        self.lora_rank = adapter.settings["lora_rank"]
+        if self.lora_rank:
+            self._add_lora(self.lora_rank, lora_state)
+        self.background_weight, self.caption_dropout = background_weight, caption_dropout
+
+    def _add_lora(self, rank: int, state: dict[str, Tensor] | None) -> None:
+        try:
+            from peft import LoraConfig
+            from peft.utils import set_peft_model_state_dict
+        except ImportError as error:
+            msg = "LoRA needs peft: pip install peft (or use lora_rank=0)"
+            raise ImportError(msg) from error
+        self.unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights="gaussian")
+        )
+        if state is not None:
+            set_peft_model_state_dict(self.unet, state)
+
+    def lora_state(self) -> dict[str, Tensor] | None:
+        if not self.lora_rank:
+            return None
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.unet)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def save_adapter(self, folder: str | Path) -> Path:
+        return self.adapter.save_pretrained(folder, self.lora_state())
+
+    # -- embeddings -----------------------------------------------------------------------------------------------
+
+    def encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Caption tokens ``[B, L, d]`` and the pooled embedding ``[B, text_dim]`` (frozen CLIP text encoder)."""
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.text_encoder.device)  # fmt: skip
+        with torch.no_grad():
+            out = self.text_encoder(ids)
+        return out.last_hidden_state, out.pooler_output
+
+    def encode_texture(self, images: Tensor, masks: Tensor) -> Tensor:
+        """Frozen CLIP image embedding of ``image * mask`` (Eq. 3's input)."""
+        from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        size = self.image_encoder.config.image_size
+        x = F.interpolate(images.float() * masks.float(), size=(size, size), mode="bilinear", align_corners=False)
+        mean = torch.tensor(OPENAI_CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_CLIP_STD, device=x.device).view(1, 3, 1, 1)
+        with torch.no_grad():
+            return self.image_encoder(pixel_values=((x - mean) / std).to(self.image_encoder.dtype)).image_embeds.float()
+
+    def x_embedding(self, pooled: Tensor, masks: Tensor, texture: Tensor) -> Tensor:
+        return self.adapter.mif(pooled.float(), masks, texture)
+
+    def condition(self, tokens: Tensor, x_embedding: Tensor, timesteps: Tensor) -> Tensor:
+        """``[caption tokens ; DDF(e_X, t)]``: the cross-attention context at timestep ``t``."""
+        return torch.cat([tokens.float(), self.adapter.ddf(x_embedding, timesteps)], 1).to(self.unet.dtype)
+
+    # -- training -------------------------------------------------------------------------------------------------
+
+    def training_loss(self, images: Tensor, masks: Tensor, captions: list[str], generator: torch.Generator | None = None,
+                      timesteps: Tensor | None = None, noise: Tensor | None = None) -> Tensor:  # fmt: skip
+        """Eq. 17 on a batch of (anomalous image, mask, caption); ``timesteps``/``noise`` may be fixed for tests."""
+        device = self.unet.device
+        images, masks = images.to(device), masks.to(device)
+        b = images.shape[0]
+        scheduler = self._scheduler_cls.from_config(self.scheduler_config)
+        with torch.no_grad():
+            z0 = encode(self.vae, images).float()
+        if timesteps is None:
+            high = scheduler.config.num_train_timesteps
+            timesteps = torch.randint(0, high, (b,), generator=generator).to(device)
+        if noise is None:
+            noise = torch.randn(z0.shape, generator=generator).to(z0)
+        if self.training and self.caption_dropout > 0:
+            drop = torch.rand(b, generator=generator) < self.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        tokens, pooled = self.encode_text(captions)
+        x_embedding = self.x_embedding(pooled, masks, self.encode_texture(images, masks))
+        zt = noise_to_timestep(scheduler, z0, timesteps, noise)
+        eps = self.unet(
+            zt.to(self.unet.dtype), timesteps, encoder_hidden_states=self.condition(tokens, x_embedding, timesteps)
+        ).sample
+        m = latent_mask(masks, z0.shape[-2:])
+        weight = m + self.background_weight * (1 - m)
+        return (weight * (eps.float() - noise) ** 2).sum() / (weight.sum() * z0.shape[1])
+
+    # -- sampling -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, images: Tensor, masks: Tensor, captions: list[str], seeds: Tensor,
+               references: Tensor | None = None, reference_masks: Tensor | None = None,
+               num_inference_steps: int = 50, strength: float = 1.0, guidance_scale: float = 1.0,
+               progress: bool = False) -> Tensor:  # fmt: skip
+        """Eq. 16 sampling at model size: denoise inside ``masks``, keep the noised normal image outside.
+
+        ``images``/``masks`` are model-size ``[B,3,S,S]``/``[B,1,S,S]``; the textural embedding comes from
+        ``references * reference_masks`` when given, else from ``images * masks``. Returns decoded images in [0, 1].
+        """
+        from tqdm.auto import tqdm
+
+        device = self.unet.device
+        images, masks = images.to(device), masks.to(device)
+        gens = generators_for(seeds)
+        z0 = encode(self.vae, images, gens).float()
+        m = latent_mask(masks, z0.shape[-2:])
+        tokens, pooled = self.encode_text(captions)
+        if references is None:
+            texture_images, texture_masks = images, masks
+        else:
+            texture_images = references.to(device)
+            texture_masks = torch.ones_like(masks) if reference_masks is None else reference_masks.to(device)
+        x_embedding = self.x_embedding(pooled, masks, self.encode_texture(texture_images, texture_masks))
+        if guidance_scale != 1.0:
+            empty_tokens, _ = self.encode_text([""] * len(captions))
+        scheduler = self._scheduler_cls.from_config(self.scheduler_config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        start = min(int(num_inference_steps * strength), num_inference_steps)
+        timesteps = scheduler.timesteps[num_inference_steps - start :]
+        noise = noise_like(z0, gens)
+        z = noise_to_timestep(scheduler, z0, timesteps[0], noise)
+        z = m * z + (1 - m) * noise_to_timestep(scheduler, z0, timesteps[0], noise_like(z0, gens))
+        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="xfusion", leave=False)):
+            context = self.condition(tokens, x_embedding, t)
+            eps = self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=context).sample.float()
+            if guidance_scale != 1.0:
+                uncond = self.condition(empty_tokens, x_embedding, t)
+                eps_u = self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=uncond).sample.float()
+                eps = eps_u + guidance_scale * (eps - eps_u)
+            z = scheduler.step(eps, t, z).prev_sample.float()
+            known = (
+                noise_to_timestep(scheduler, z0, timesteps[i + 1], noise_like(z0, gens))
+                if i + 1 < len(timesteps)
+                else z0
+            )
+            z = m * z + (1 - m) * known  # Eq. 16
+        return decode(self.vae, z)
+
+
+@register("xfusion")
+class XFusionSynthesizer(DiffusionSynthesizer):
+    """AnomalyXFusion inference (arXiv 2404.19444): a normal image, a mask, a caption -> an anomalous image.
+
+    Args:
+        adapter (str | Path): folder of a trained adapter (``anomalib-synth train xfusion``).
+        base_model (str | Path | None): Stable Diffusion; defaults to the one in the adapter's config.
+        clip_model (str | Path | None): CLIP image encoder; defaults to the one in the adapter's config.
+        reference_dir (str | Path | None): folder of defect images for the textural embedding (one drawn per
+            sample, whole image). ``None`` embeds ``image * mask`` of the input. Defaults to ``None``.
+        num_inference_steps (int): Defaults to ``50``.
+        strength (float): 1 starts the masked region from pure noise. Defaults to ``1.0``.
+        guidance_scale (float): text guidance (the adapter is trained with caption dropout). Defaults to ``1.0``.
+        model (str | Path | None): alias of ``adapter`` (so ``--model-path`` works on the command line).
+        **kwargs: prompt, mask and resolution options of
+            :class:`~anomalib_synth.synthesizers.diffusion.common.DiffusionSynthesizer`; the caption is the
+            prompt's description (or an MVTec-Caption sentence with ``captions=``).
+    """
+
+    description = "AnomalyXFusion: text + mask + texture X-embedding with timestep-adaptive fusion (trained adapter)"
+    _param_keys = ("prompt", "seed", "reference")
+
+    def __init__(
+        self,
+        adapter: str | Path | None = None,
+        base_model: str | Path | None = None,
+        clip_model: str | Path | None = None,
+        reference_dir: str | Path | None = None,
+        num_inference_steps: int = 50,
+        strength: float = 1.0,
+        guidance_scale: float = 1.0,
+        torch_dtype: str | torch.dtype | None = None,
+        local_files_only: bool | None = None,
+        model: str | Path | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        adapter = adapter or model
+        if adapter is None:
+            msg = "XFusionSynthesizer needs adapter=DIR (from `anomalib-synth train xfusion`)"
+            raise ValueError(msg)
+        if num_inference_steps < 1 or not 0 < strength <= 1:
+            msg = f"need num_inference_steps >= 1 and 0 < strength <= 1, got {num_inference_steps}, {strength}"
+            raise ValueError(msg)
+        self.adapter_path, self.reference_dir = str(adapter), None if reference_dir is None else str(reference_dir)
+        self.num_inference_steps, self.strength, self.guidance_scale = (
+            int(num_inference_steps),
+            strength,
+            guidance_scale,
+        )
+        self.core = XFusionModel(
+            base_model, clip_model, adapter, torch_dtype=torch_dtype, local_files_only=local_files_only
+        )
+        self.core.eval()
+        references = torch.empty(0, 3, 1, 1)
+        if reference_dir is not None:
+            from ...io import load_texture_bank
+
+            references = load_texture_bank(reference_dir, self.resolution)
+        self.register_buffer("references", references, persistent=False)
+        self._loaded()
+
+    @property
+    def resolution(self) -> int:
+        return self._resolution or self.core.unet.config.sample_size * vae_scale_factor(self.core.vae)
+
+    def config(self) -> dict[str, Any]:
+        return {"adapter": self.adapter_path, "base_model": self.core.base_model, "clip_model": self.core.clip_model,
+                "reference_dir": self.reference_dir, "num_inference_steps": self.num_inference_steps,
+                "strength": self.strength, "guidance_scale": self.guidance_scale, **self._base_config()}  # fmt: skip
+
+    def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
+        from ..ops import randint
+
+        params = super().sample_params(images, fg_masks, generator)
+        params["reference"] = randint(0, max(len(self.references) - 1, 0), (images.shape[0],), generator, images.device)
+        return params
+
+    def apply(self, images: Tensor, params: Params) -> SynthesisResult:
+        size = self.resolution
+        masks = params["mask"]
+        references = None
+        if len(self.references):
+            references = self.references[params["reference"].to(self.references.device)]
+        generated = self.core.sample(
+            to_model_size(images, size),
+            F.interpolate(masks.float(), size=(size, size), mode="nearest"),
+            [p.detailed_text for p in self.prompt_texts(params)],
+            params["seed"],
+            references=references,
+            num_inference_steps=self.num_inference_steps,
+            strength=self.strength,
+            guidance_scale=self.guidance_scale,
+            progress=self.progress,
+        )
+        out = composite(images, generated.to(images.device), masks)
+        return self._result(images, out, masks, params, self._param_keys)

@@ -1,0 +1,1 @@
+"""Lightning training of the diffusion adapters (the torch cores live in ``anomalib_synth.synthesizers.diffusion``)."""
