@@ -204,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINER_OPTIONS = ("precision", "accelerator", "devices", "strategy", "checkpoint_every", "seed")
+
+
+def _trainer_options(args: argparse.Namespace) -> dict:
+    return {**{k: getattr(args, k) for k in TRAINER_OPTIONS}, "progress": not args.quiet}
+
+
 def _cmd_train_xfusion(args: argparse.Namespace) -> int:
     from .training.xfusion import train_xfusion
 
@@ -212,32 +219,36 @@ def _cmd_train_xfusion(args: argparse.Namespace) -> int:
         categories=args.categories.split(",") if args.categories else None,
         base_model=args.base_model, clip_model=args.clip_model, max_steps=args.max_steps,
         batch_size=args.batch_size, image_size=args.image_size, lr=args.lr, num_tokens=args.num_tokens,
-        lora_rank=args.lora_rank, precision=args.precision, accelerator=args.accelerator, devices=args.devices,
-        strategy=args.strategy, checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.quiet,
+        lora_rank=args.lora_rank, **_trainer_options(args),
     )  # fmt: skip
     print(f"adapter written to {adapter}")
     return 0
 
 
-def build_train_parser() -> argparse.ArgumentParser:
-    """``anomalib-synth train xfusion|control ...``: our adapters (every other ``train`` goes to anomalib's CLI)."""
-    from .synthesizers.diffusion.loading import CLIP_VIT_L14, SD15
+def _cmd_train_control(args: argparse.Namespace) -> int:
+    from .training.control import train_control
 
-    parser = argparse.ArgumentParser(prog="anomalib-synth train", description=build_train_parser.__doc__)
-    sub = parser.add_subparsers(dest="method", required=True)
-    p = sub.add_parser("xfusion", help="train an AnomalyXFusion adapter (MIF + DDF [+ LoRA]) on captioned defects")
+    adapter = train_control(
+        args.data_root, args.captions, output=args.output,
+        categories=args.categories.split(",") if args.categories else None, pairing=args.pairing,
+        base_model=args.base_model, vlm=args.vlm, max_steps=args.max_steps, batch_size=args.batch_size,
+        image_size=args.image_size, lr=args.lr, num_tokens=args.num_tokens, image_embed_dim=args.image_embed_dim,
+        asea_steps=args.asea_steps, **_trainer_options(args),
+    )  # fmt: skip
+    print(f"adapter written to {adapter}")
+    return 0
+
+
+def _add_training_arguments(p: argparse.ArgumentParser, output: str) -> None:
     p.add_argument("--data-root", required=True, help="folder of <category>/test/<defect>/NNN.png + ground_truth/")
     p.add_argument("--captions", required=True, help="MVTec-Caption JSON {category: {defect: [caption, ...]}}")
     p.add_argument("--categories", default=None, help="comma-separated (default: every captioned category found)")
-    p.add_argument("--output", default="xfusion_run", help="run folder: checkpoints/, logs/, adapter/")
-    p.add_argument("--base-model", default=SD15)
-    p.add_argument("--clip-model", default=CLIP_VIT_L14)
+    p.add_argument("--output", default=output, help="run folder: checkpoints/, logs/, adapter/ (rerun to resume)")
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--num-tokens", type=int, default=4, help="k tokens per modality")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA on cross-attention (0 = off; needs peft)")
+    p.add_argument("--num-tokens", type=int, default=4, help="adapter tokens")
     p.add_argument("--precision", default=None, help="Lightning precision (default 16-mixed on CUDA, else 32-true)")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto")
@@ -245,11 +256,34 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", "-q", action="store_true")
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """``anomalib-synth train xfusion|control ...``: our adapters (every other ``train`` goes to anomalib's CLI)."""
+    from .synthesizers.diffusion.anomalycontrol import BLIP2_ITM
+    from .synthesizers.diffusion.loading import CLIP_VIT_L14, SD15, SD15_INPAINTING
+    from .training.control import PAIRINGS
+
+    parser = argparse.ArgumentParser(prog="anomalib-synth train", description=build_train_parser.__doc__)
+    sub = parser.add_subparsers(dest="method", required=True)
+    p = sub.add_parser("xfusion", help="train an AnomalyXFusion adapter (MIF + DDF [+ LoRA]) on captioned defects")
+    _add_training_arguments(p, "xfusion_run")
+    p.add_argument("--base-model", default=SD15)
+    p.add_argument("--clip-model", default=CLIP_VIT_L14)
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA on cross-attention (0 = off; needs peft)")
     p.set_defaults(func=_cmd_train_xfusion, command="train xfusion")
+    p = sub.add_parser("control", help="train an AnomalyControl Semantic Guided Adapter on captioned defect pairs")
+    _add_training_arguments(p, "control_run")
+    p.add_argument("--base-model", default=SD15_INPAINTING)
+    p.add_argument("--vlm", default=BLIP2_ITM, help="BLIP-2 image-text model for the CSM")
+    p.add_argument("--pairing", choices=PAIRINGS, default="random", help="how references are paired with targets")
+    p.add_argument("--image-embed-dim", type=int, default=1024)
+    p.add_argument("--asea-steps", type=int, default=5)
+    p.set_defaults(func=_cmd_train_control, command="train control")
     return parser
 
 
-OUR_TRAINERS = ("xfusion",)
+OUR_TRAINERS = ("xfusion", "control")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 >>> from anomalib_synth import synthesizers
 >>> sorted(synthesizers.available())
-['anomalib-perlin', 'anomalyany', 'cutpaste', 'inpainting', 'nsa', 'perlin', 'scar', 'xfusion']
+['anomalib-perlin', 'anomalyany', 'anomalycontrol', 'cutpaste', 'inpainting', 'nsa', 'perlin', 'scar', 'xfusion']
 """
 
 from .anomalib_perlin import AnomalibPerlinSynthesizer
@@ -29,6 +29,8 @@ register_lazy("inpainting", "anomalib_synth.synthesizers.diffusion.inpainting:In
               "Stable Diffusion inpainting of a drawn defect mask with a defect prompt (baseline)")  # fmt: skip
 register_lazy("anomalyany", "anomalib_synth.synthesizers.diffusion.anomalyany:AnomalyAnySynthesizer",
               "AnomalyAny: training-free, attention-guided Stable Diffusion from one normal image")  # fmt: skip
+register_lazy("anomalycontrol", "anomalib_synth.synthesizers.diffusion.anomalycontrol:AnomalyControlSynthesizer",
+              "AnomalyControl: text-image reference defect -> BLIP-2 features -> IP-Adapter-style SD inpainting")  # fmt: skip
 register_lazy("xfusion", "anomalib_synth.synthesizers.diffusion.xfusion:XFusionSynthesizer",
               "AnomalyXFusion: text + mask + texture X-embedding with timestep-adaptive fusion (trained adapter)")  # fmt: skip
 

@@ -2,9 +2,8 @@
 
 :class:`XFusionTraining` wraps :class:`~anomalib_synth.synthesizers.diffusion.xfusion.XFusionModel`; checkpoints
 hold only the trainable weights (the frozen base models are referenced by id/path). :func:`train_xfusion` is what
-``anomalib-synth train xfusion`` runs: a progress bar, checkpoints every ``checkpoint_every`` steps and at the end,
-resume from ``OUTPUT/checkpoints/last.ckpt``, the loss per step in ``OUTPUT/logs/version_N/metrics.csv`` (one
-version per run), mixed precision on CUDA, and any Lightning strategy for several GPUs.
+``anomalib-synth train xfusion`` runs, through the shared loop of :func:`~anomalib_synth.training.runner.fit_adapter`
+(progress bar, checkpoints and resume, mixed precision on CUDA, Lightning strategies for several GPUs).
 """
 
 from __future__ import annotations
@@ -71,53 +70,26 @@ def train_xfusion(
     lr: float = 1e-4,
     num_tokens: int = 4,
     lora_rank: int = 0,
-    precision: str | None = None,
-    accelerator: str = "auto",
-    devices: int | str = "auto",
-    strategy: str = "auto",
-    checkpoint_every: int = 500,
-    num_workers: int = 0,
-    seed: int = 0,
-    progress: bool = True,
     local_files_only: bool | None = None,
+    **trainer_options: Any,
 ) -> Path:
     """Train an adapter on the captioned anomalous images under ``data_root``; returns ``OUTPUT/adapter``.
 
     Rerunning the same command resumes from ``OUTPUT/checkpoints/last.ckpt`` (raise ``max_steps`` to continue).
+    ``trainer_options``: ``precision``, ``accelerator``, ``devices``, ``strategy``, ``checkpoint_every``,
+    ``num_workers``, ``seed``, ``progress`` (see :func:`~anomalib_synth.training.runner.fit_adapter`).
 
     Raises:
         ValueError: when no captioned image is found (see :func:`~anomalib_synth.data.captions.match_captions`).
         ModelNotFoundError: when a base model cannot be loaded.
     """
-    from lightning.pytorch import Trainer, seed_everything
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
-    from torch.utils.data import DataLoader
+    from lightning.pytorch import seed_everything
 
     from ..data.captions import CaptionedDefects, match_captions
+    from .runner import fit_adapter
 
-    if max_steps < 1 or batch_size < 1:
-        msg = f"max_steps and batch_size must be positive, got {max_steps}, {batch_size}"
-        raise ValueError(msg)
-    output = Path(output)
-    seed_everything(seed, workers=True, verbose=False)
+    seed_everything(int(trainer_options.get("seed", 0)), workers=True, verbose=False)
     dataset = CaptionedDefects(match_captions(data_root, captions, categories), (image_size, image_size))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                        collate_fn=CaptionedDefects.collate, drop_last=len(dataset) > batch_size)  # fmt: skip
     module = XFusionTraining(base_model, clip_model, num_tokens=num_tokens, lora_rank=lora_rank, lr=lr,
                              local_files_only=local_files_only)  # fmt: skip
-    checkpoints = output / "checkpoints"
-    last = checkpoints / "last.ckpt"
-    trainer = Trainer(
-        max_steps=max_steps, max_epochs=-1, accelerator=accelerator, devices=devices, strategy=strategy,
-        precision=precision or ("16-mixed" if torch.cuda.is_available() else "32-true"),
-        default_root_dir=output, logger=CSVLogger(output, name="logs"), log_every_n_steps=1,
-        enable_progress_bar=progress, enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True, every_n_train_steps=checkpoint_every,
-                                   enable_version_counter=False)],
-    )  # fmt: skip
-    trainer.fit(module, loader, ckpt_path=str(last) if last.is_file() else None)
-    trainer.save_checkpoint(last)  # the final state, whatever checkpoint_every was, so that a rerun resumes from it
-    if trainer.is_global_zero:
-        module.model.save_adapter(output / "adapter")
-    return output / "adapter"
+    return fit_adapter(module, dataset, CaptionedDefects.collate, output, max_steps, batch_size, **trainer_options)

@@ -8,7 +8,7 @@ they prove the mechanics (shapes, masks, losses, gradients, call counts), never 
 >>> with tempfile.TemporaryDirectory() as tmp:
 ...     paths = save_tiny_models(tmp)
 ...     sorted(paths)
-['clip', 'sd', 'sd-inpainting']
+['blip2', 'clip', 'sd', 'sd-inpainting']
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def save_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
 
     Returns:
         dict[str, Path]: ``"sd"`` (a Stable Diffusion pipeline folder), ``"sd-inpainting"`` (its 9-channel
-        inpainting variant) and ``"clip"`` (a ``CLIPModel`` with tokenizer and image processor).
+        inpainting variant), ``"clip"`` (a ``CLIPModel`` with tokenizer and image processor) and ``"blip2"`` (a
+        ``Blip2ForImageTextRetrieval`` with a BERT tokenizer).
     """
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPVisionConfig
@@ -109,7 +110,7 @@ def save_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
                               set_alpha_to_one=False, steps_offset=1)  # fmt: skip
     vae = _vae()
     text_encoder = CLIPTextModel(text_config)
-    paths = {"sd": root / "sd", "sd-inpainting": root / "sd-inpainting", "clip": root / "clip"}
+    paths = {"sd": root / "sd", "sd-inpainting": root / "sd-inpainting", "clip": root / "clip", "blip2": root / "blip2"}
     for key, pipeline_cls, in_channels in (
         ("sd", StableDiffusionPipeline, 4),
         ("sd-inpainting", StableDiffusionInpaintPipeline, 9),
@@ -125,4 +126,25 @@ def save_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
     tokenizer.save_pretrained(paths["clip"])
     CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE},
                        crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}).save_pretrained(paths["clip"])  # fmt: skip
+    _save_tiny_blip2(paths["blip2"])
     return paths
+
+
+def _save_tiny_blip2(folder: Path) -> None:
+    """A BLIP-2 image-text model (vision tower + Q-Former with text embeddings) and a character-level BERT tokenizer."""
+    from transformers import BertTokenizer, Blip2Config, Blip2ForImageTextRetrieval
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,'-"))
+    vocab = {token: i for i, token in enumerate(specials + chars + [f"##{c}" for c in chars])}
+    tokenizer = BertTokenizer(vocab=vocab)
+    config = Blip2Config(
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": TINY_IMAGE_SIZE, "patch_size": 8},
+        qformer_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "encoder_hidden_size": 32, "vocab_size": len(vocab), "cross_attention_frequency": 1,
+                        "pad_token_id": 0, "use_qformer_text_input": True},
+        num_query_tokens=8, image_text_hidden_size=16,
+    )  # fmt: skip
+    Blip2ForImageTextRetrieval(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,124 @@
+"""Training AnomalyControl's Semantic Guided Adapter on (target, reference) pairs of captioned defects.
+
+Per sample (Sec. 3.5): the target anomalous image, its mask and caption, and a reference (image + caption + mask)
+drawn by a configurable pairing strategy. Only the SGA is trained (BLIP projection, image projection, new K/V);
+the CSM features of the reference (with ASEA) come from the frozen BLIP-2.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch.utils.data import Dataset
+
+from ..data.captions import CaptionedDefect, CaptionedDefects
+from ..synthesizers.diffusion.anomalycontrol import BLIP2_ITM
+from ..synthesizers.diffusion.loading import SD15_INPAINTING
+from ..synthesizers.validation import check_choice
+
+__all__ = ["PAIRINGS", "ControlTraining", "ReferencePairs", "train_control"]
+
+PAIRINGS = ("same_defect", "same_category", "random")
+"""Reference of each target: another image of the same defect type, of the same category, or any captioned defect
+(the paper's flexible, non-matching pairs)."""
+
+
+class ReferencePairs(Dataset):
+    """Targets with references: ``{"image", "mask", "caption", "ref_image", "ref_mask", "ref_caption"}`` items.
+
+    The reference of item ``i`` in epoch ``e`` is drawn from ``random.Random(seed, e, i)``: reproducible, and new
+    each epoch (call :meth:`set_epoch`).
+    """
+
+    def __init__(self, records: list[CaptionedDefect], size: tuple[int, int], pairing: str = "random",
+                 seed: int = 0) -> None:  # fmt: skip
+        self.items = CaptionedDefects(records, size)
+        self.pairing, self.seed, self.epoch = check_choice("pairing", pairing, PAIRINGS), seed, 0
+        keys = {"same_defect": lambda r: (r.category, r.defect), "same_category": lambda r: r.category,
+                "random": lambda r: None}[pairing]  # fmt: skip
+        groups: dict[Any, list[int]] = {}
+        for i, record in enumerate(records):
+            groups.setdefault(keys(record), []).append(i)
+        self.candidates = [groups[keys(r)] for r in records]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def reference_index(self, index: int) -> int:
+        pool = [j for j in self.candidates[index] if j != index] or [index]
+        return random.Random(f"{self.seed}-{self.epoch}-{index}").choice(pool)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        target, reference = self.items[index], self.items[self.reference_index(index)]
+        return {**target, "ref_image": reference["image"], "ref_mask": reference["mask"],
+                "ref_caption": reference["caption"]}  # fmt: skip
+
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        return {key: torch.stack([i[key] for i in items]) if torch.is_tensor(items[0][key]) else [i[key] for i in items]
+                for key in items[0]}  # fmt: skip
+
+
+class ControlTraining(LightningModule):
+    """LightningModule around ``AnomalyControlModel``: AdamW on the SGA, adapter-only checkpoints."""
+
+    def __init__(self, base_model: str = SD15_INPAINTING, vlm: str = BLIP2_ITM, num_tokens: int = 4,
+                 image_embed_dim: int = 1024, lr: float = 1e-4, weight_decay: float = 1e-2, asea_steps: int = 5,
+                 local_files_only: bool | None = None) -> None:  # fmt: skip
+        super().__init__()
+        from ..synthesizers.diffusion.anomalycontrol import AnomalyControlModel
+
+        self.save_hyperparameters()
+        self.model = AnomalyControlModel(base_model, vlm, num_tokens=num_tokens, image_embed_dim=image_embed_dim,
+                                         asea_steps=asea_steps, local_files_only=local_files_only)  # fmt: skip
+        self.strict_loading = False
+
+    def training_step(self, batch: dict[str, Any], _batch_idx: int) -> torch.Tensor:
+        features = self.model.reference_features(batch["ref_image"], batch["ref_caption"], batch["ref_mask"])
+        loss = self.model.training_loss(batch["image"], batch["mask"], batch["caption"], features)
+        self.log("loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if isinstance(dataset, ReferencePairs):
+            dataset.set_epoch(self.current_epoch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.trainable_parameters(), lr=self.hparams.lr,
+                                 weight_decay=self.hparams.weight_decay)  # fmt: skip
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+def train_control(data_root: str | Path, captions: str | Path, output: str | Path = "control_run",
+                  categories: list[str] | None = None, pairing: str = "random", base_model: str = SD15_INPAINTING,
+                  vlm: str = BLIP2_ITM, max_steps: int = 1000, batch_size: int = 4, image_size: int = 512,
+                  lr: float = 1e-4, num_tokens: int = 4, image_embed_dim: int = 1024, asea_steps: int = 5,
+                  **trainer_options: Any) -> Path:  # fmt: skip
+    """Train an SGA; returns ``OUTPUT/adapter``. Resumes from ``OUTPUT/checkpoints/last.ckpt``.
+
+    ``trainer_options``: ``precision``, ``accelerator``, ``devices``, ``strategy``, ``checkpoint_every``, ``seed``,
+    ``progress``, ``num_workers`` (as in :func:`~anomalib_synth.training.xfusion.train_xfusion`).
+    """
+    from lightning.pytorch import seed_everything
+
+    from ..data.captions import match_captions
+    from .runner import fit_adapter
+
+    options = dict(trainer_options)
+    seed_everything(int(options.get("seed", 0)), workers=True, verbose=False)
+    records = match_captions(data_root, captions, categories)
+    dataset = ReferencePairs(records, (image_size, image_size), pairing, seed=int(options.get("seed", 0)))
+    module = ControlTraining(base_model, vlm, num_tokens=num_tokens, image_embed_dim=image_embed_dim, lr=lr,
+                             asea_steps=asea_steps)  # fmt: skip
+    return fit_adapter(module, dataset, ReferencePairs.collate, output, max_steps, batch_size, **options)
