@@ -175,3 +175,17 @@ def test_cli_train_control(tiny, tmp_path) -> None:
         any(p in k for p in ("sga.", "_ip.", "encoder_hid_proj.")) for k in checkpoint["state_dict"]
     )
     assert json.loads((out / "adapter" / "sga_config.json").read_text())["vlm"] == str(tiny["blip2"])
+
+
+def test_generate_cli_with_references(adapter, tmp_path) -> None:
+    from anomalib_synth.cli import main
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.fromarray(to_uint8(resize(builtin_photo("grass"), (32, 32)))).save(refs / "green_stain.png")
+    out = tmp_path / "out"
+    assert main(["generate", "builtin:coffee", str(out), "-s", "anomalycontrol", "--model-path", str(adapter),
+                 "-o", f"references={refs}", "-o", "num_inference_steps=2", "-o", "asea_steps=0", "-n", "2",
+                 "--size", "32", "32", "-q"]) == 0  # fmt: skip
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in records] == [True, True] and records[0]["params"]["reference"] == 0

@@ -171,3 +171,21 @@ def test_cli_train_xfusion_writes_a_loadable_adapter(tiny, tmp_path) -> None:
     assert synth(torch.rand(1, 3, 32, 32), generator=gen(0)).labels.all()
     assert main([*args[:-5], "--max-steps", "3", "--output", str(out), "--num-tokens", "2", "-q"]) == 0, "resumes"
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+def test_xfusion_generate_cli_and_cache_mode(adapter, tmp_path) -> None:
+    from anomalib_synth.cli import main
+    from anomalib_synth.data import SyntheticAnomalyDataModule
+    from tests.tiny_data import folder_datamodule, make_folder_dataset
+
+    out = tmp_path / "out"
+    assert main(["generate", "builtin:brick", str(out), "-s", "xfusion", "--model-path", str(adapter),
+                 "-o", "num_inference_steps=2", "-n", "1", "--size", "32", "32", "-q"]) == 0  # fmt: skip
+    assert json.loads((out / "manifest.jsonl").read_text().splitlines()[0])["label"] is True
+    root = make_folder_dataset(tmp_path / "data", size=32, n_train=2, n_test=1)
+    synth = get("xfusion", adapter=adapter, num_inference_steps=2)
+    dm = SyntheticAnomalyDataModule(folder_datamodule(root), synthesizer=synth, mode="cache", n_shots=2,
+                                    variants_per_image=1, synthetic_val=False, image_size=(32, 32),
+                                    cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    dm.setup()
+    assert (dm.train_data.samples.label_index == 1).sum() == 2
