@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from .synthesizers.diffusion.loading import ModelNotFoundError
+
 
 ANOMALIB_COMMANDS = ("train", "fit", "validate", "test", "predict")
 """Subcommands handed to anomalib's CLI (with the plugin imported)."""
@@ -201,7 +203,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("score", help="IS, KID, IC-LPIPS and background preservation of a generated folder")
+    p.add_argument("generated", help="folder written by `anomalib-synth generate`")
+    p.add_argument("--real", required=True, help="folder of real anomalous images")
+    p.add_argument("--metrics", default="is,kid,ic-lpips,background", help="comma-separated subset")
+    p.add_argument("--distance", default="lpips-alex", choices=("lpips-alex", "lpips-vgg", "pixel"),
+                   help="for IC-LPIPS and the background; 'pixel' needs no weights (smoke tests only)")  # fmt: skip
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", default=None, help="JSON path (default GENERATED/scores.json; a .md table next to it)")
+    p.set_defaults(func=_cmd_score)
     return parser
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .scoring import markdown_table, score_folder, write_scores
+
+    scores = score_folder(args.generated, args.real, metrics=args.metrics.split(","), size=args.size,
+                          distance=args.distance, device=args.device)  # fmt: skip
+    output = Path(args.output) if args.output else Path(args.generated) / "scores.json"
+    write_scores(scores, output)
+    print(markdown_table(scores))
+    print(f"wrote {output} and {output.with_suffix('.md')}")
+    return 0
 
 
 TRAINER_OPTIONS = ("precision", "accelerator", "devices", "strategy", "checkpoint_every", "seed")
@@ -292,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_train_parser().parse_args(argv[1:])
         try:
             return args.func(args)
-        except ValueError as err:
+        except (ValueError, ModelNotFoundError) as err:
             print(f"anomalib-synth {args.command}: error: {err}", file=sys.stderr)
             return 2
     if argv and argv[0] in ANOMALIB_COMMANDS:
@@ -301,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # bad input: a clear message, no traceback
+    except (ValueError, ModelNotFoundError) as err:  # bad input or missing weights: a clear message, no traceback
         print(f"anomalib-synth {args.command}: error: {err}", file=sys.stderr)
         return 2
 

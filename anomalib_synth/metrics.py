@@ -9,11 +9,21 @@ All functions return one value per sample (``[B]``) so that they can be aggregat
   channels). Near 0 means the "anomaly" is invisible and the label is noise.
 - :func:`mask_agreement`: IoU between the changed pixels (``max over channels |change| > tau``) and the mask. Near 1
   means the mask covers what changed and nothing else.
+
+Generation-quality figures of a set of generated images against real anomalous images (the ones the diffusion
+papers report): :func:`inception_score` and :func:`kernel_inception_distance` (torchmetrics; Inception weights),
+:func:`ic_lpips` (intra-cluster pairwise LPIPS; any pairwise :data:`Distance`, e.g. :class:`LPIPSDistance`), and
+:func:`background_preservation` outside the masks. Pretrained weights load on first use; offline, a clear
+:class:`~anomalib_synth.synthesizers.diffusion.loading.ModelNotFoundError` names the missing file.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.error import URLError
 
 import torch
 from torch import Tensor
@@ -65,3 +75,141 @@ def summarize(result: SynthesisResult, images: Tensor, tau: float = 1 / 255) -> 
         "visibility": float(anomaly_visibility(result, images).mean()),
         "mask_iou": float(mask_agreement(result, images, tau).mean()),
     }
+
+
+# -- generation quality: IS, KID, IC-LPIPS, background preservation ---------------------------------------------------
+
+Distance = Callable[[Tensor, Tensor], Tensor]
+"""``distance(a [N,3,H,W], b [M,3,H,W]) -> [N, M]`` for images in ``[0, 1]``."""
+
+
+def pixel_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared pixel difference of every pair, ``[N, M]`` (a cheap stand-in for LPIPS in tests)."""
+    return torch.cdist(a.flatten(1).float(), b.flatten(1).float()).pow(2) / a[0].numel()
+
+
+WEIGHT_FILES = {
+    "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
+    "inception": "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+}
+"""Where the metrics' pretrained weights come from (torchvision backbones of LPIPS; torch-fidelity's Inception)."""
+
+
+def _loading(what: str, weights: str, build: Callable[[], Any]) -> Any:
+    """``build()``, turning a failed weight download into a :class:`ModelNotFoundError` that names the file."""
+    from .synthesizers.diffusion.loading import ModelNotFoundError
+
+    try:
+        return build()
+    except (OSError, RuntimeError, URLError) as error:
+        url = WEIGHT_FILES[weights]
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        msg = (f"{what}: the pretrained weights {url.rsplit('/', 1)[-1]} could not be loaded "
+               f"({type(error).__name__}: {error}). Download {url} on a machine with internet and copy it to {cache} "
+               "(or set TORCH_HOME to a folder whose hub/checkpoints/ has it).")  # fmt: skip
+        raise ModelNotFoundError(msg) from error
+
+
+class LPIPSDistance:
+    """LPIPS (torchmetrics' network, AlexNet or VGG backbone) as a pairwise :data:`Distance`.
+
+    Raises:
+        ModelNotFoundError: when the backbone or LPIPS weights are neither cached nor downloadable.
+    """
+
+    def __init__(self, net: str = "alex", device: str | torch.device = "cpu", batch_size: int = 32) -> None:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        metric = _loading(
+            f"LPIPS-{net}", net, lambda: LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True)
+        )
+        self.net, self.device, self.batch_size = metric.net.to(device).eval(), torch.device(device), batch_size
+
+    @torch.no_grad()
+    def __call__(self, a: Tensor, b: Tensor) -> Tensor:
+        i, j = torch.meshgrid(torch.arange(len(a)), torch.arange(len(b)), indexing="ij")
+        i, j = i.flatten(), j.flatten()
+        out = []
+        for start in range(0, len(i), self.batch_size):
+            x = a[i[start : start + self.batch_size]].to(self.device).float()
+            y = b[j[start : start + self.batch_size]].to(self.device).float()
+            out.append(self.net(x, y, normalize=True).flatten().cpu())
+        return torch.cat(out).view(len(a), len(b)) if out else torch.zeros(len(a), len(b))
+
+
+def ic_lpips(generated: Tensor, real: Tensor, distance: Distance) -> float:
+    """Intra-cluster pairwise distance (IC-LPIPS with an LPIPS ``distance``; AnomalyDiffusion's diversity figure).
+
+    1. Each generated image joins the cluster of its nearest real anomalous image.
+    2. Each cluster with at least two members scores the mean distance over its distinct pairs.
+    3. The result is the mean over those clusters (NaN if there is none).
+    """
+    if len(generated) == 0 or len(real) == 0:
+        msg = f"ic_lpips needs generated and real images, got {len(generated)} and {len(real)}"
+        raise ValueError(msg)
+    nearest = distance(generated, real).argmin(1)
+    scores = []
+    for cluster in nearest.unique():
+        members = generated[nearest == cluster]
+        if len(members) < 2:
+            continue
+        d = distance(members, members)
+        upper = torch.triu_indices(len(members), len(members), offset=1)
+        scores.append(d[upper[0], upper[1]].mean())
+    return float(torch.stack(scores).mean()) if scores else math.nan
+
+
+def background_preservation(generated: Tensor, inputs: Tensor, masks: Tensor,
+                            distance: Distance | None = None) -> dict[str, float]:  # fmt: skip
+    """How much of the image *outside* the masks a generator kept: mean PSNR (dB, ``inf`` when untouched) and,
+    with a ``distance`` (e.g. :class:`LPIPSDistance`), the mean distance between the input and the generated image
+    with its mask region restored from the input. IC-LPIPS rewards damaged backgrounds; report this next to it."""
+    masks = masks.float()
+    outside = 1 - masks
+    mse = ((generated.float() - inputs.float()) ** 2 * outside).sum((1, 2, 3)) / (
+        outside.sum((1, 2, 3)) * inputs.shape[1]
+    ).clamp_min(1)
+    psnr = torch.where(mse > 0, -10 * torch.log10(mse.clamp_min(1e-20)), torch.full_like(mse, math.inf))
+    out = {"background_psnr": float(psnr.mean())}
+    if distance is not None:
+        restored = torch.where(masks > 0.5, inputs.float(), generated.float())
+        out["background_lpips"] = float(torch.diagonal(distance(restored, inputs.float())).mean())
+    return out
+
+
+def _uint8(images: Tensor) -> Tensor:
+    x = images.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def inception_score(images: Tensor, splits: int = 10) -> tuple[float, float]:
+    """Inception Score (mean, std over ``splits``) with torchmetrics (Inception weights of torch-fidelity).
+
+    Raises:
+        ModelNotFoundError: when the Inception weights are neither cached nor downloadable.
+    """
+    from torchmetrics.image.inception import InceptionScore
+
+    metric = _loading("Inception (IS)", "inception", lambda: InceptionScore(splits=max(1, min(splits, len(images)))))
+    metric.update(_uint8(images))
+    mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def kernel_inception_distance(generated: Tensor, real: Tensor, subset_size: int = 50) -> tuple[float, float]:
+    """KID (mean, std over subsets) with torchmetrics; ``subset_size`` is capped by the smaller set.
+
+    Raises:
+        ModelNotFoundError: when the Inception weights are neither cached nor downloadable.
+    """
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = max(2, min(subset_size, len(generated), len(real)))
+    metric = _loading("Inception (KID)", "inception", lambda: KernelInceptionDistance(subset_size=size))
+    metric.update(_uint8(real), real=True)
+    metric.update(_uint8(generated), real=False)
+    mean, std = metric.compute()
+    return float(mean), float(std)
