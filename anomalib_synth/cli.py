@@ -14,7 +14,6 @@ import yaml
 
 from .synthesizers.diffusion.loading import ModelNotFoundError
 
-
 ANOMALIB_COMMANDS = ("train", "fit", "validate", "test", "predict")
 """Subcommands handed to anomalib's CLI (with the plugin imported)."""
 
@@ -133,9 +132,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def run_anomalib(args: Sequence[str]) -> int:
     """Run anomalib's CLI with this plugin imported, so that short names such as ``SyntheticAnomalyDataModule``
     resolve (``anomalib-synth train --config configs/....yaml`` == ``anomalib train ...`` plus the plugin)."""
-    import anomalib_synth.data  # noqa: F401  (registers the datamodule class for jsonargparse)
     from anomalib.cli.cli import AnomalibCLI
     from anomalib.loggers import configure_logger
+
+    import anomalib_synth.data  # noqa: F401  (registers the datamodule class for jsonargparse)
 
     configure_logger()
     AnomalibCLI(list(args))
