@@ -4,48 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from anomalib_synth.cli import main
 from anomalib_synth.evaluation import EvalConfig, evaluate, evaluate_maps, load_category
 from anomalib_synth.evaluation.data import load_test_set, read_mask
 from anomalib_synth.evaluation.scores import normalise
-from anomalib_synth.io import builtin_photo, resize, to_uint8
-from anomalib_synth.synthesizers import get
-
-
-def make_mvtec(root: Path, size: int = 64, train: bool = True, loco: bool = False) -> Path:
-    """``root/gravel`` in MVTec layout; the test defects are drawn with our Perlin synthesizer (another seed)."""
-    base = resize(builtin_photo("gravel"), (3 * size, 3 * size))
-    crops = torch.stack([base[:, y : y + size, x : x + size] for y in (0, size) for x in (0, size, 2 * size)])
-    defects = get("perlin", beta=(0.9, 1.0), area_range=(0.05, 0.15))(crops[3:], generator=torch.Generator().manual_seed(9))
-    cat = root / "gravel"
-    folders = {"test/good": crops[:2], "test/blob": defects.images}
-    if train:
-        folders["train/good"] = crops[2:4]
-    for folder, images in folders.items():
-        (cat / folder).mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-            Image.fromarray(to_uint8(image)).save(cat / folder / f"{i:03d}.png")
-    for i, mask in enumerate(defects.masks):
-        array = (mask[0].numpy() * 255).astype(np.uint8)
-        if loco:  # several masks per image, values encode the type
-            (cat / "ground_truth" / "blob" / f"{i:03d}").mkdir(parents=True, exist_ok=True)
-            half = array.copy()
-            half[:, : size // 2] = 0
-            Image.fromarray((half > 0).astype(np.uint8) * 7).save(cat / "ground_truth" / "blob" / f"{i:03d}" / "000.png")
-            rest = array.copy()
-            rest[:, size // 2 :] = 0
-            Image.fromarray(rest).save(cat / "ground_truth" / "blob" / f"{i:03d}" / "001.png")
-        else:
-            (cat / "ground_truth" / "blob").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array).save(cat / "ground_truth" / "blob" / f"{i:03d}_mask.png")
-    return root
+from anomalib_synth.toydata import make_toy_mvtec as make_mvtec
 
 
 def test_loader_mvtec_loco_and_missing_train(tmp_path) -> None:
