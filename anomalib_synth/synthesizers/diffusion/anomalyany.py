@@ -33,7 +33,7 @@ Per image, with frozen Stable Diffusion 1.5 and CLIP ViT-L/14:
 Cost per image (``params``): ``2 n_exec + I n_guided`` UNet forwards and ``I n_guided`` backwards, with ``n_exec =
 int(N gamma)`` executed steps, ``I`` inner iterations and ``n_guided`` the steps with attention guidance or
 refinement. Defaults (200 steps, gamma 0.25 -> 50 executed steps) stay within the official 200 x 0.3 = 60.
-With the paper's gamma 0.3 pass ``gamma=0.3``. On CPU this is for tiny test models only; real weights want a GPU
+The official notebooks' setting is ``gamma=0.3``. On CPU this is for tiny test models only; real weights want a GPU
 (the official code reports 1-2 min/image and ~30 GB on an A100 at 512 px; use ``torch_dtype="float16"``).
 """
 
