@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The 1-shot evaluation on real defects behind docs/results.md (issue 4). Needs the non-commercial data set
 # (MVTec AD bottle/capsule/grid with masks, Intel hazelnut toy set, DTD textures) under DATA (default ../shared/data);
-# nothing of it is committed. About 35 minutes on 2 CPU cores.
+# nothing of it is committed. About 33 minutes on 2 idle CPU cores (measured: 32.8).
 #   benchmarks/evaluate_real.sh [DATA] [OUTPUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."

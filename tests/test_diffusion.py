@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import gen
 from PIL import Image
 
 from anomalib_synth.synthesizers import get
@@ -22,7 +23,6 @@ from anomalib_synth.synthesizers.diffusion.attention import (
 )
 from anomalib_synth.synthesizers.diffusion.loading import ModelNotFoundError, load_pretrained
 from anomalib_synth.synthesizers.diffusion.prompts import load_captions, prompts_for
-from tests.conftest import gen
 
 # the smallest schedule that still has guided, plain and refinement steps: 8 steps x 0.5 = 4 executed steps
 FAST = {"num_inference_steps": 8, "gamma": 0.5, "attention_steps": 2, "inner_steps": 2, "refine_fraction": 0.25,
@@ -296,8 +296,9 @@ def test_anomalyany_through_generate_cli(tiny, tmp_path) -> None:
 
 
 def test_anomalyany_in_datamodule_cache_mode(tiny, tmp_path) -> None:
+    from tiny_data import folder_datamodule, make_folder_dataset
+
     from anomalib_synth.data import SyntheticAnomalyDataModule
-    from tests.tiny_data import folder_datamodule, make_folder_dataset
 
     root = make_folder_dataset(tmp_path / "data", size=32, n_train=2, n_test=1)
     synth = get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], **FAST)
@@ -318,3 +319,18 @@ def test_anomalyany_attention_slicing_gives_the_same_image(anomalyany, tiny, pho
     a, b = anomalyany(photos[:1], generator=gen(5)), sliced(photos[:1], generator=gen(5))
     torch.testing.assert_close(a.images, b.images, atol=2e-3, rtol=0)
     assert not any(p.requires_grad for p in sliced.parameters()), "loaded models are frozen"
+
+
+def test_lazy_registry_entries_match_their_classes() -> None:
+    from anomalib_synth.synthesizers import available, get_class
+
+    for name in ("inpainting", "anomalyany", "xfusion", "anomalycontrol"):
+        cls = get_class(name)
+        assert cls.name == name and available()[name] == cls.description
+
+
+def test_only_diffusion_synthesizers_require_weights() -> None:
+    from anomalib_synth.synthesizers import available, get_class
+
+    needing = {name for name in available() if get_class(name).requires_weights}
+    assert needing == {"inpainting", "anomalyany", "xfusion", "anomalycontrol"}

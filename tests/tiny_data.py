@@ -1,6 +1,53 @@
-"""Test aliases of :mod:`anomalib_synth.toydata` (a tiny Folder data set from scikit-image photos)."""
+"""Test data: aliases of :mod:`anomalib_synth.toydata`, and captioned defects for the diffusion adapters."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anomalib_synth.io import builtin_photo, resize, to_uint8
 from anomalib_synth.toydata import make_toy_folder as make_folder_dataset
 from anomalib_synth.toydata import toy_folder_datamodule as folder_datamodule
 
-__all__ = ["folder_datamodule", "make_folder_dataset"]
+__all__ = ["fake_captioned_mvtec", "folder_datamodule", "make_folder_dataset", "training_batch"]
+
+
+def fake_captioned_mvtec(root: Path, size: int = 32) -> dict:
+    """bottle/test/{crack,good} with AD-style masks, and juice/test/logical with LOCO-style mask folders."""
+    photo = to_uint8(resize(builtin_photo("coffee"), (size, size)))
+    captions = {"bottle": {"crack": [f"crack caption {i}" for i in range(3)], "good": []},
+                "juice": {"logical": ["wrong label 0", "wrong label 1"]}, "unused": {"x": ["never"]}}  # fmt: skip
+    for category, defect, indices in (("bottle", "crack", (0, 2, 5)), ("juice", "logical", (1,))):
+        (root / category / "test" / defect).mkdir(parents=True)
+        (root / category / "ground_truth" / defect).mkdir(parents=True)
+        for i in indices:
+            Image.fromarray(photo).save(root / category / "test" / defect / f"{i:03d}.png")
+            mask = np.zeros((size, size), np.uint8)
+            mask[4 + i : 14 + i, 6:20] = 255
+            if category == "bottle":
+                Image.fromarray(mask).save(root / category / "ground_truth" / defect / f"{i:03d}_mask.png")
+            else:  # LOCO: one folder per image, one PNG per annotated region, values encode the type
+                folder = root / category / "ground_truth" / defect / f"{i:03d}"
+                folder.mkdir()
+                Image.fromarray((mask > 0).astype(np.uint8) * 7).save(folder / "000.png")
+                extra = np.zeros_like(mask)
+                extra[20:26, 20:26] = 3
+                Image.fromarray(extra).save(folder / "001.png")
+    (root / "bottle" / "test" / "good").mkdir()
+    Image.fromarray(photo).save(root / "bottle" / "test" / "good" / "000.png")
+    path = root / "captions.json"
+    path.write_text(json.dumps(captions))
+    return {"root": root, "captions": path}
+
+
+def training_batch() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    images = torch.stack([resize(builtin_photo(n), (32, 32)) for n in ("coffee", "brick")])
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[0, :, 8:20, 6:14] = 1
+    masks[1, :, 18:28, 10:30] = 1
+    images = torch.where(masks.bool(), torch.tensor([0.1, 0.05, 0.0]).view(1, 3, 1, 1), images)  # drawn dark defects
+    return images, masks, ["The coffee cup has a dark stain.", "The brick has a black hole."]

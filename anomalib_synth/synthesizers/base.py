@@ -124,6 +124,8 @@ class Synthesizer(nn.Module):
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    requires_weights: ClassVar[bool] = False
+    """Whether the synthesizer loads pretrained models (the diffusion ones); the classical ones run as they are."""
 
     def forward(
         self,

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from torch.utils.data import Dataset
 
 from ..data.captions import CaptionedDefect, CaptionedDefects
 from ..synthesizers.diffusion.anomalycontrol import BLIP2_ITM
 from ..synthesizers.diffusion.loading import SD15_INPAINTING
 from ..synthesizers.validation import check_choice
+from .runner import AdapterModule
 
 __all__ = ["PAIRINGS", "ControlTraining", "ReferencePairs", "train_control"]
 
@@ -66,7 +66,7 @@ class ReferencePairs(Dataset):
                 for key in items[0]}  # fmt: skip
 
 
-class ControlTraining(LightningModule):
+class ControlTraining(AdapterModule):
     """LightningModule around ``AnomalyControlModel``: AdamW on the SGA, adapter-only checkpoints."""
 
     def __init__(self, base_model: str = SD15_INPAINTING, vlm: str = BLIP2_ITM, num_tokens: int = 4,
@@ -78,7 +78,6 @@ class ControlTraining(LightningModule):
         self.save_hyperparameters()
         self.model = AnomalyControlModel(base_model, vlm, num_tokens=num_tokens, image_embed_dim=image_embed_dim,
                                          asea_steps=asea_steps, local_files_only=local_files_only)  # fmt: skip
-        self.strict_loading = False
 
     def training_step(self, batch: dict[str, Any], _batch_idx: int) -> torch.Tensor:
         features = self.model.reference_features(batch["ref_image"], batch["ref_caption"], batch["ref_mask"])
@@ -91,13 +90,6 @@ class ControlTraining(LightningModule):
         if isinstance(dataset, ReferencePairs):
             dataset.set_epoch(self.current_epoch)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.model.trainable_parameters(), lr=self.hparams.lr,
-                                 weight_decay=self.hparams.weight_decay)  # fmt: skip
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
 
 def train_control(data_root: str | Path, captions: str | Path, output: str | Path = "control_run",

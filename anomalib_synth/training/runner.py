@@ -10,7 +10,24 @@ import torch
 from lightning.pytorch import LightningModule
 from torch.utils.data import Dataset
 
-__all__ = ["fit_adapter"]
+__all__ = ["AdapterModule", "fit_adapter"]
+
+
+class AdapterModule(LightningModule):
+    """Base of the adapter trainers: ``self.model`` has ``trainable_parameters()`` and ``save_adapter()``; AdamW on
+    those parameters; checkpoints keep only them (the frozen base models are referenced, never copied)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.trainable_parameters(), lr=self.hparams.lr,
+                                 weight_decay=self.hparams.weight_decay)  # fmt: skip
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
 
 def fit_adapter(
@@ -49,9 +66,10 @@ def fit_adapter(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collate,
                         drop_last=len(dataset) > batch_size, generator=generator)  # fmt: skip
     last = output / "checkpoints" / "last.ckpt"
+    on_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     trainer = Trainer(
         max_steps=max_steps, max_epochs=-1, accelerator=accelerator, devices=devices, strategy=strategy,
-        precision=precision or ("16-mixed" if torch.cuda.is_available() else "32-true"),
+        precision=precision or ("16-mixed" if on_cuda else "32-true"),
         default_root_dir=output, logger=CSVLogger(output, name="logs"), log_every_n_steps=1,
         enable_progress_bar=progress, enable_model_summary=False,
         callbacks=[ModelCheckpoint(dirpath=output / "checkpoints", save_last=True,

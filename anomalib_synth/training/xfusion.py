@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 
 from ..synthesizers.diffusion.loading import CLIP_VIT_L14, SD15
+from .runner import AdapterModule
 
 __all__ = ["XFusionTraining", "train_xfusion"]
 
 
-class XFusionTraining(LightningModule):
+class XFusionTraining(AdapterModule):
     """LightningModule around ``XFusionModel``: AdamW on the adapter, Eq. 17 loss, adapter-only checkpoints."""
 
     def __init__(
@@ -41,20 +41,12 @@ class XFusionTraining(LightningModule):
         self.model = XFusionModel(base_model, clip_model, num_tokens=num_tokens, lora_rank=lora_rank,
                                   background_weight=background_weight, caption_dropout=caption_dropout,
                                   local_files_only=local_files_only)  # fmt: skip
-        self.strict_loading = False  # checkpoints hold only the trainable weights
 
     def training_step(self, batch: dict[str, Any], _batch_idx: int) -> torch.Tensor:
         loss = self.model.training_loss(batch["image"], batch["mask"], batch["caption"])
         self.log("loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = self.model.trainable_parameters()
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
 
 def train_xfusion(

@@ -3,8 +3,9 @@
 
 Per image, with frozen Stable Diffusion 1.5 and CLIP ViT-L/14:
 
-1. **Test-time normal-sample conditioning** (Sec. 3.1): the normal image is encoded, noised to
-   ``t_start = T (1 - gamma)`` and only the remaining steps are denoised. With a foreground mask ``m`` the latent is
+1. **Test-time normal-sample conditioning** (Sec. 3.1): the normal image is encoded and noised to the timestep
+   of step ``N (1 - gamma)`` of the ``N``-step schedule (about ``gamma T``), and only the remaining
+   ``int(N gamma)`` steps are denoised. With a foreground mask ``m`` the latent is
    blended after every step, ``z_t = m z_t + (1 - m) z_t^normal`` (``z_t^normal``: the normal latent noised to ``t``
    with fresh noise, as the official code does).
 2. **Attention-guided anomaly optimisation** (Sec. 3.2, Eq. 3-4): the cross-attention maps of the anomaly prompt at
@@ -54,6 +55,7 @@ from ..validation import check_choice, check_range
 from .attention import AttentionStore, attach_attention_store, cross_attention_resolutions
 from .common import DiffusionSynthesizer, composite, to_model_size
 from .latents import (
+    clip_pixels,
     decode,
     encode,
     generators_for,
@@ -208,10 +210,6 @@ class AnomalyAnySynthesizer(DiffusionSynthesizer):
             self.unet.set_attention_slice("auto")
         self._loaded()
 
-    @property
-    def resolution(self) -> int:
-        return self._resolution or self.unet.config.sample_size * vae_scale_factor(self.vae)
-
     def config(self) -> dict[str, Any]:
         keys = ("model", "clip_model", "num_inference_steps", "gamma", "guidance_scale", "attention_res",
                 "attention_steps", "inner_steps", "lr", "lr_decay", "lr_min", "attention_scale", "attention_decay",
@@ -250,6 +248,14 @@ class AnomalyAnySynthesizer(DiffusionSynthesizer):
     def _embed(self, ids: Tensor) -> Tensor:
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
+    def _token_mean(self, embeddings: Tensor, ids: Tensor) -> Tensor:
+        """Mean over each prompt's own tokens (start token up to the end token, no padding), float32 ``[B, d]``."""
+        eos = self.tokenizer.eos_token_id
+        positions = torch.arange(ids.shape[1])
+        ends = torch.tensor([row.index(eos, 1) + 1 if eos in row[1:] else len(row) for row in ids.tolist()])
+        keep = (positions[None] < ends[:, None]).to(embeddings.device, torch.float32).unsqueeze(-1)
+        return (embeddings.float() * keep).sum(1) / keep.sum(1)
+
     def token_weights(self, prompts: list[AnomalyPrompt], ids: Tensor) -> tuple[Tensor, Tensor]:
         """``(weights, valid)`` over the token axis: weights average the defect words' tokens; ``valid`` marks the
         prompt's own tokens (no start, end or padding token), over which the softmax runs."""
@@ -284,13 +290,8 @@ class AnomalyAnySynthesizer(DiffusionSynthesizer):
         return (norm >= norm.mean(dim=(1, 2, 3), keepdim=True)).flatten(1).sum(1)
 
     def _clip_image_features(self, images: Tensor) -> Tensor:
-        from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-        size = self.clip.config.vision_config.image_size
-        x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        mean = torch.tensor(OPENAI_CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(OPENAI_CLIP_STD, device=x.device).view(1, 3, 1, 1)
-        out = self.clip.get_image_features(pixel_values=((x - mean) / std).to(self.clip.dtype))
+        pixels = clip_pixels(images, self.clip.config.vision_config.image_size, self.clip.dtype)
+        out = self.clip.get_image_features(pixel_values=pixels)
         return F.normalize(getattr(out, "pooler_output", out).float(), dim=-1)
 
     def _clip_text_features(self, texts: list[str]) -> Tensor:
@@ -330,10 +331,11 @@ class AnomalyAnySynthesizer(DiffusionSynthesizer):
 
         ids = self._tokens([p.anomaly_text for p in prompts])
         weights, valid = self.token_weights(prompts, ids)
+        detailed_ids = self._tokens([p.detailed_text for p in prompts])
         with torch.no_grad():
             cond = self._embed(ids)
             uncond = self._embed(self._tokens([""] * b))
-            detailed = self._embed(self._tokens([p.detailed_text for p in prompts]))
+            detailed_mean = self._token_mean(self._embed(detailed_ids), detailed_ids)
             clip_text = self._clip_text_features([p.detailed_text for p in prompts])
             z0 = encode(self.vae, to_model_size(images, size).to(device), gens)
 
@@ -346,6 +348,7 @@ class AnomalyAnySynthesizer(DiffusionSynthesizer):
         forwards = backwards = 0
         n_t_log, att_log, img_log = [], [], []
         n_start: Tensor | None = None
+        n_t: Tensor | None = None
         active = torch.ones(b, dtype=torch.bool, device=device)
         store = attach_attention_store(self.unet, AttentionStore(res))
         try:
@@ -371,16 +374,16 @@ class AnomalyAnySynthesizer(DiffusionSynthesizer):
                         if refine:
                             x0 = decode(self.vae, predicted_original(scheduler, z, eps, t))
                             l_img = 1 - (self._clip_image_features(x0) * clip_text).sum(-1)
-                            l_prompt = 1 - F.cosine_similarity(cond.float().mean(1), detailed.float().mean(1), dim=-1)
+                            l_prompt = 1 - F.cosine_similarity(self._token_mean(cond, ids), detailed_mean, dim=-1)
                             loss = loss + (self.image_loss_weight * l_img + self.prompt_loss_weight * l_prompt).sum()
                             img_log.append(l_img.detach())
                         inputs = [z, cond] if refine else [z]
                         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
                         backwards += 1
-                        z = (z - 2 * lr * torch.nan_to_num(grads[0] if grads[0] is not None else 0 * z)).detach()
+                        z = (z - 2 * lr * (grads[0] if grads[0] is not None else torch.zeros_like(z))).detach()
                         if refine and grads[1] is not None:
                             cond = (cond - self.prompt_lr * grads[1]).detach()
-                    if attend and self.localized_range is not None:
+                    if attend and n_t is not None and self.localized_range is not None:
                         lo, hi = (v * res * res for v in self.localized_range)
                         active = active & ~((n_t > lo) & (n_t < hi))
                 z, cond = z.detach(), cond.detach()

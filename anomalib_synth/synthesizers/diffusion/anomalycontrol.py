@@ -39,7 +39,7 @@ from ..base import Params, SynthesisResult
 from ..ops import randint
 from ..registry import register
 from .common import DiffusionSynthesizer, to_model_size
-from .latents import encode, latent_mask, noise_to_timestep, vae_scale_factor
+from .latents import clip_pixels, encode, latent_mask, noise_to_timestep
 from .loading import SD15_INPAINTING, ModelNotFoundError, load_pretrained, resolve_dtype
 
 __all__ = [
@@ -73,7 +73,9 @@ class AnomalySemanticEnhancedAttention(nn.Module):
     def optimise(self, csm: CrossModalSemanticModeling, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor,
                  masks: Tensor) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
         """Return ``e_g`` and the per-step attention fraction inside the mask (``[B]`` each, first = before)."""
-        e_g = torch.zeros_like(csm.patch_embeddings(pixels), requires_grad=True)
+        with torch.no_grad():
+            shape = csm.patch_embeddings(pixels).shape
+        e_g = torch.zeros(shape, device=pixels.device, dtype=torch.float32, requires_grad=True)  # fp32 for Adam
         optimizer = torch.optim.Adam([e_g], lr=self.lr)
         fractions = []
         with torch.enable_grad():
@@ -126,13 +128,8 @@ class CrossModalSemanticModeling(nn.Module):
             self._attention.append(output[1])
 
     def pixels(self, images: Tensor) -> Tensor:
-        from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
         size = self.vlm.config.vision_config.image_size
-        x = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-        mean = torch.tensor(OPENAI_CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(OPENAI_CLIP_STD, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(device=self.vlm.device, dtype=self.vlm.dtype)
+        return clip_pixels(images.to(self.vlm.device), size, self.vlm.dtype)
 
     def tokens(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         out = self.tokenizer(texts, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
@@ -147,7 +144,7 @@ class CrossModalSemanticModeling(nn.Module):
         vision = self.vlm.vision_model
         hidden = self.patch_embeddings(pixels)
         if e_g is not None:
-            hidden = hidden + e_g
+            hidden = hidden + e_g.to(hidden.dtype)
         image_embeds = vision.post_layernorm(vision.encoder(inputs_embeds=hidden).last_hidden_state)
         b = pixels.shape[0]
         queries = self.vlm.query_tokens.expand(b, -1, -1)
@@ -267,11 +264,17 @@ class AnomalyControlModel(nn.Module):
         sga_settings = {"feature_dim": self.csm.dim, "cross_attention_dim": self.unet.config.cross_attention_dim,
                         "image_embed_dim": image_embed_dim, "num_tokens": num_tokens}  # fmt: skip
         sga_settings.update({k: settings[k] for k in sga_settings if k in settings})
-        self.sga = SemanticGuidedAdapter(**sga_settings)
+        self.sga = SemanticGuidedAdapter(**sga_settings).to(self.unet.dtype)
         self.sga.install(self.unet, scale=train_scale)
         if state is not None:
             self.sga.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("sga.")})
-            self.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")}, strict=False)
+            kv = {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
+            result = self.unet.load_state_dict(kv, strict=False)
+            missing = set(SemanticGuidedAdapter.ip_state(self.unet)) - set(kv)
+            if result.unexpected_keys or missing:
+                msg = (f"AnomalyControl adapter {str(adapter)!r} does not fit {self.base_model!r}: unexpected "
+                       f"{result.unexpected_keys[:3]}, missing {sorted(missing)[:3]}")  # fmt: skip
+                raise ValueError(msg)
         self.dropout, self.train_scale = dropout, train_scale
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -313,13 +316,14 @@ class AnomalyControlModel(nn.Module):
         b = images.shape[0]
         with torch.no_grad():
             z0 = encode(self.vae, images).float()
-            masked = encode(self.vae, images * (1 - masks)).float()
+            masked = encode(self.vae, images * (1 - masks) + 0.5 * masks).float()  # hole at 0 in [-1, 1], as diffusers
         scheduler = self.pipeline.scheduler.__class__.from_config(self.pipeline.scheduler.config)
         if timesteps is None:
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
         if noise is None:
             noise = torch.randn(z0.shape, generator=generator).to(z0)
-        image_embeds = self.sga(features)
+        SemanticGuidedAdapter.set_scale(self.unet, self.train_scale)
+        image_embeds = self.sga(features.to(self.sga.blip_proj.weight.dtype))
         if self.training and self.dropout > 0:
             u = torch.rand(b, generator=generator)
             drop_image = (u < self.dropout) | ((u >= 2 * self.dropout) & (u < 3 * self.dropout))
@@ -338,7 +342,8 @@ class AnomalyControlModel(nn.Module):
                scale: float = 1.0) -> Tensor:  # fmt: skip
         """Inpaint ``masks`` of model-size ``images`` with diffusers' pipeline; returns model-size images."""
         SemanticGuidedAdapter.set_scale(self.unet, scale)
-        embeds = self.sga(features.to(self.unet.device)).to(self.unet.dtype)
+        weight = self.sga.blip_proj.weight
+        embeds = self.sga(features.to(device=weight.device, dtype=weight.dtype)).to(self.unet.dtype)
         if guidance_scale > 1:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])  # negative = dropped image condition
         size = images.shape[-1]
@@ -364,7 +369,8 @@ def load_sga(folder: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 def load_references(references: str | Path) -> list[dict[str, Any]]:
     """Reference defects from a JSON list (``[{"image": path, "text": str, "mask": path?}, ...]``, paths relative
-    to the file) or a folder of images (text = file stem with ``_`` as spaces, no mask).
+    to the file) or a folder of images (text = file stem with ``_`` as spaces; ``<stem>_mask.png`` is the mask of
+    ``<stem>.png``).
 
     Raises:
         FileNotFoundError: for a missing file or folder. ValueError: for an empty or malformed list.
@@ -376,7 +382,10 @@ def load_references(references: str | Path) -> list[dict[str, Any]]:
         msg = f"references {str(path)!r} do not exist"
         raise FileNotFoundError(msg)
     if path.is_dir():
-        entries = [{"image": str(p), "text": p.stem.replace("_", " "), "mask": None} for p in list_images(path)]
+        files = list_images(path)
+        masks = {p.stem[: -len("_mask")]: p for p in files if p.stem.endswith("_mask")}
+        entries = [{"image": str(p), "text": p.stem.replace("_", " "), "mask": str(masks[p.stem]) if p.stem in masks
+                    else None} for p in files if not p.stem.endswith("_mask")]  # fmt: skip
     else:
         raw = json.loads(path.read_text())
         if not isinstance(raw, list) or not all(isinstance(r, dict) and "image" in r and "text" in r for r in raw):
@@ -431,21 +440,22 @@ class AnomalyControlSynthesizer(DiffusionSynthesizer):
             guidance_scale,
             strength,
         )
-        self.scale, self.blur_sigma = scale, blur_sigma
+        self.scale, self.blur_sigma, self.torch_dtype = scale, blur_sigma, torch_dtype
         self.core = AnomalyControlModel(base_model, vlm, adapter, asea_steps=asea_steps, asea_lr=asea_lr,
                                         torch_dtype=torch_dtype, local_files_only=local_files_only)  # fmt: skip
         self._loaded()
         self._features: dict[int, Tensor] = {}
 
-    @property
-    def resolution(self) -> int:
-        return self._resolution or self.core.unet.config.sample_size * vae_scale_factor(self.core.vae)
+    def _unet_and_vae(self) -> tuple[Any, Any]:
+        return self.core.unet, self.core.vae
 
     def config(self) -> dict[str, Any]:
         return {"adapter": self.adapter_path, "references": self.references_path, "base_model": self.core.base_model,
                 "vlm": self.core.vlm_name, "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale, "strength": self.strength, "scale": self.scale,
-                "blur_sigma": self.blur_sigma, "asea_steps": self.core.csm.asea.steps, **self._base_config()}  # fmt: skip
+                "blur_sigma": self.blur_sigma, "asea_steps": self.core.csm.asea.steps, "asea_lr": self.core.csm.asea.lr,
+                "torch_dtype": str(resolve_dtype(self.torch_dtype)).removeprefix("torch."),
+                **self._base_config()}  # fmt: skip
 
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
         params = super().sample_params(images, fg_masks, generator)
@@ -457,15 +467,12 @@ class AnomalyControlSynthesizer(DiffusionSynthesizer):
         from ...evaluation.data import read_mask
         from ...io import read_image, resize
 
-        missing = sorted(set(indices) - set(self._features))
-        if missing:
-            size = self.core.csm.vlm.config.vision_config.image_size
-            refs = [self.references[i] for i in missing]
-            images = torch.stack([resize(read_image(r["image"]), (size, size)) for r in refs])
-            has_masks = all(r["mask"] for r in refs)
-            masks = torch.stack([read_mask([Path(r["mask"])], (size, size))[None] for r in refs]) if has_masks else None
-            features = self.core.reference_features(images, [r["text"] for r in refs], masks)
-            self._features.update(dict(zip(missing, features.cpu(), strict=True)))
+        size = self.core.csm.vlm.config.vision_config.image_size
+        for i in sorted(set(indices) - set(self._features)):  # one by one: a feature never depends on the others
+            ref = self.references[i]
+            image = resize(read_image(ref["image"]), (size, size))[None]
+            mask = read_mask([Path(ref["mask"])], (size, size))[None, None] if ref["mask"] else None
+            self._features[i] = self.core.reference_features(image, [ref["text"]], mask)[0].cpu()
         return torch.stack([self._features[i] for i in indices])
 
     def apply(self, images: Tensor, params: Params) -> SynthesisResult:

@@ -20,6 +20,7 @@ from ..ops import randint
 from ..perlin import PerlinSynthesizer
 from ..placement import check_foreground_mode, resolve_foreground
 from ..validation import check_range
+from .latents import vae_scale_factor
 from .prompts import AnomalyPrompt, prompts_for
 
 __all__ = ["DiffusionSynthesizer", "composite", "to_model_size"]
@@ -65,6 +66,7 @@ class DiffusionSynthesizer(Synthesizer):
             until ``.to(device)``; ``anomalib-synth generate`` and the datamodule move synthesizers themselves).
     """
 
+    requires_weights = True
     draws_masks: bool = True
     """Whether :meth:`sample_params` draws a defect mask (methods whose mask comes from the model set ``False``)."""
 
@@ -85,6 +87,7 @@ class DiffusionSynthesizer(Synthesizer):
         self.category, self.object_name = category, object_name
         self.defects = None if defects is None else list(defects)
         self.captions = None if captions is None else str(captions)
+        self._explicit_prompts = bool(prompts)
         self.prompts = list(prompts) if prompts else prompts_for(category, object_name, self.defects, captions)
         if not self.prompts:
             msg = "no prompts: give a category, defects or prompts"
@@ -105,11 +108,15 @@ class DiffusionSynthesizer(Synthesizer):
 
     @property
     def resolution(self) -> int:
-        """Side length the model runs at."""
-        raise NotImplementedError
+        """Side length the model runs at: ``resolution`` if given, else the UNet's native size."""
+        unet, vae = self._unet_and_vae()
+        return self._resolution or unet.config.sample_size * vae_scale_factor(vae)
+
+    def _unet_and_vae(self) -> tuple[Any, Any]:
+        return self.unet, self.vae
 
     def _base_config(self) -> dict[str, Any]:
-        custom = None if self.defects or self.category or self.captions else [vars(p) for p in self.prompts]
+        custom = [vars(p) for p in self.prompts] if self._explicit_prompts else None
         return {
             "category": self.category,
             "object_name": self.object_name,

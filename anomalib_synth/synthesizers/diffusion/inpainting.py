@@ -18,7 +18,6 @@ from torch import Tensor
 from ..base import Params, SynthesisResult
 from ..registry import register
 from .common import DiffusionSynthesizer, composite, to_model_size
-from .latents import vae_scale_factor
 from .loading import SD15_INPAINTING, load_pretrained, resolve_dtype
 
 __all__ = ["InpaintingSynthesizer"]
@@ -85,10 +84,6 @@ class InpaintingSynthesizer(DiffusionSynthesizer):
         self.pipeline.set_progress_bar_config(disable=not self.progress)
         self.unet, self.vae, self.text_encoder = self.pipeline.unet, self.pipeline.vae, self.pipeline.text_encoder
         self._loaded()
-
-    @property
-    def resolution(self) -> int:
-        return self._resolution or self.unet.config.sample_size * vae_scale_factor(self.vae)
 
     def config(self) -> dict[str, Any]:
         return {

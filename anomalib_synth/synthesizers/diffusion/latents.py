@@ -10,6 +10,7 @@ from torch import Tensor
 
 __all__ = [
     "blend_latents",
+    "clip_pixels",
     "decode",
     "encode",
     "generators_for",
@@ -49,6 +50,16 @@ def decode(vae: Any, latents: Tensor) -> Tensor:
     """Scaled latents -> images in ``[0, 1]`` (float32). Differentiable."""
     x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def clip_pixels(images: Tensor, size: int, dtype: torch.dtype, mode: str = "bilinear") -> Tensor:
+    """Images in ``[0, 1]`` -> CLIP-normalised ``pixel_values`` at ``size`` (differentiable; CLIP, BLIP-2)."""
+    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    x = F.interpolate(images.float(), size=(size, size), mode=mode, align_corners=False)
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(dtype)
 
 
 def noise_to_timestep(scheduler: Any, latents: Tensor, timestep: Tensor | int, noise: Tensor) -> Tensor:

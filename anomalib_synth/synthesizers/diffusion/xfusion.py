@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..base import Params, SynthesisResult
 from ..registry import register
 from .common import DiffusionSynthesizer, composite, to_model_size
-from .latents import decode, encode, generators_for, latent_mask, noise_like, noise_to_timestep, vae_scale_factor
+from .latents import clip_pixels, decode, encode, generators_for, latent_mask, noise_like, noise_to_timestep
 from .loading import CLIP_VIT_L14, SD15, ModelNotFoundError, load_pretrained, resolve_dtype
 
 __all__ = [
@@ -302,14 +302,11 @@ class XFusionModel(nn.Module):
 
     def encode_texture(self, images: Tensor, masks: Tensor) -> Tensor:
         """Frozen CLIP image embedding of ``image * mask`` (Eq. 3's input)."""
-        from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-        size = self.image_encoder.config.image_size
-        x = F.interpolate(images.float() * masks.float(), size=(size, size), mode="bilinear", align_corners=False)
-        mean = torch.tensor(OPENAI_CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(OPENAI_CLIP_STD, device=x.device).view(1, 3, 1, 1)
+        pixels = clip_pixels(
+            images.float() * masks.float(), self.image_encoder.config.image_size, self.image_encoder.dtype
+        )
         with torch.no_grad():
-            return self.image_encoder(pixel_values=((x - mean) / std).to(self.image_encoder.dtype)).image_embeds.float()
+            return self.image_encoder(pixel_values=pixels).image_embeds.float()
 
     def x_embedding(self, pooled: Tensor, masks: Tensor, texture: Tensor) -> Tensor:
         return self.adapter.mif(pooled.float(), masks, texture)
@@ -372,21 +369,24 @@ class XFusionModel(nn.Module):
         else:
             texture_images = references.to(device)
             texture_masks = torch.ones_like(masks) if reference_masks is None else reference_masks.to(device)
-        x_embedding = self.x_embedding(pooled, masks, self.encode_texture(texture_images, texture_masks))
-        if guidance_scale != 1.0:
-            empty_tokens, _ = self.encode_text([""] * len(captions))
+        texture = self.encode_texture(texture_images, texture_masks)
+        x_embedding = self.x_embedding(pooled, masks, texture)
+        if guidance_scale != 1.0:  # the unconditional branch as trained: the empty caption in tokens and in e_X
+            empty_tokens, empty_pooled = self.encode_text([""] * len(captions))
+            empty_x_embedding = self.x_embedding(empty_pooled, masks, texture)
         scheduler = self._scheduler_cls.from_config(self.scheduler_config)
         scheduler.set_timesteps(num_inference_steps, device=device)
         start = min(int(num_inference_steps * strength), num_inference_steps)
         timesteps = scheduler.timesteps[num_inference_steps - start :]
         noise = noise_like(z0, gens)
         z = noise_to_timestep(scheduler, z0, timesteps[0], noise)
-        z = m * z + (1 - m) * noise_to_timestep(scheduler, z0, timesteps[0], noise_like(z0, gens))
+        if start == num_inference_steps:  # strength 1: the masked region starts from pure noise
+            z = m * noise * scheduler.init_noise_sigma + (1 - m) * z
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="xfusion", leave=False)):
             context = self.condition(tokens, x_embedding, t)
             eps = self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=context).sample.float()
             if guidance_scale != 1.0:
-                uncond = self.condition(empty_tokens, x_embedding, t)
+                uncond = self.condition(empty_tokens, empty_x_embedding, t)
                 eps_u = self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=uncond).sample.float()
                 eps = eps_u + guidance_scale * (eps - eps_u)
             z = scheduler.step(eps, t, z).prev_sample.float()
@@ -408,7 +408,9 @@ class XFusionSynthesizer(DiffusionSynthesizer):
         base_model (str | Path | None): Stable Diffusion; defaults to the one in the adapter's config.
         clip_model (str | Path | None): CLIP image encoder; defaults to the one in the adapter's config.
         reference_dir (str | Path | None): folder of defect images for the textural embedding (one drawn per
-            sample, whole image). ``None`` embeds ``image * mask`` of the input. Defaults to ``None``.
+            sample, whole image), as in training, where the texture is the real defect region. ``None`` embeds
+            ``image * mask`` of the normal input instead, which the adapter never saw in training: prefer real
+            defect crops. Defaults to ``None``.
         num_inference_steps (int): Defaults to ``50``.
         strength (float): 1 starts the masked region from pure noise. Defaults to ``1.0``.
         guidance_scale (float): text guidance (the adapter is trained with caption dropout). Defaults to ``1.0``.
@@ -449,6 +451,7 @@ class XFusionSynthesizer(DiffusionSynthesizer):
             strength,
             guidance_scale,
         )
+        self.torch_dtype = str(resolve_dtype(torch_dtype)).removeprefix("torch.")
         self.core = XFusionModel(
             base_model, clip_model, adapter, torch_dtype=torch_dtype, local_files_only=local_files_only
         )
@@ -461,14 +464,14 @@ class XFusionSynthesizer(DiffusionSynthesizer):
         self.register_buffer("references", references, persistent=False)
         self._loaded()
 
-    @property
-    def resolution(self) -> int:
-        return self._resolution or self.core.unet.config.sample_size * vae_scale_factor(self.core.vae)
+    def _unet_and_vae(self) -> tuple[Any, Any]:
+        return self.core.unet, self.core.vae
 
     def config(self) -> dict[str, Any]:
         return {"adapter": self.adapter_path, "base_model": self.core.base_model, "clip_model": self.core.clip_model,
                 "reference_dir": self.reference_dir, "num_inference_steps": self.num_inference_steps,
-                "strength": self.strength, "guidance_scale": self.guidance_scale, **self._base_config()}  # fmt: skip
+                "strength": self.strength, "guidance_scale": self.guidance_scale, "torch_dtype": self.torch_dtype,
+                **self._base_config()}  # fmt: skip
 
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
         from ..ops import randint
