@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..base import Params, SynthesisResult
 from ..registry import register
@@ -352,7 +353,8 @@ class AnomalyAnySynthesizer(DiffusionSynthesizer):
         active = torch.ones(b, dtype=torch.bool, device=device)
         store = attach_attention_store(self.unet, AttentionStore(res))
         try:
-            for i, t in enumerate(timesteps):
+            steps = tqdm(timesteps, desc="anomalyany", leave=False, disable=not self.progress)
+            for i, t in enumerate(steps):
                 attend, refine = self.guided(i)
                 attend = attend and bool(active.any())
                 if attend or refine:
