@@ -140,6 +140,14 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_safetensors(path: str | Path, tensors: dict[str, Tensor]) -> None:
+    """Write ``tensors`` (moved to the CPU, contiguous) as one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
 def load_texture_bank(folder: str | Path, size: int = 256, limit: int | None = None) -> Tensor:
     """Load the anomaly-source textures of ``folder`` (searched recursively, e.g. DTD ``images/``).
 

@@ -39,7 +39,7 @@ from ..base import Params, SynthesisResult
 from ..ops import randint
 from ..registry import register
 from .common import DiffusionSynthesizer, to_model_size
-from .latents import clip_pixels, encode, latent_mask, noise_to_timestep
+from .latents import clip_pixels, encode, latent_mask, noise_to_timestep, training_noise
 from .loading import SD15_INPAINTING, ModelNotFoundError, load_pretrained, resolve_dtype
 
 __all__ = [
@@ -282,16 +282,13 @@ class AnomalyControlModel(nn.Module):
 
     def save_adapter(self, folder: str | Path) -> Path:
         """``sga.safetensors`` (BLIP projection, image projection, new K/V) + ``sga_config.json``."""
-        from safetensors.torch import save_file
-
-        from ...io import atomic_path, write_text
+        from ...io import write_safetensors, write_text
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {f"sga.{k}": v for k, v in self.sga.state_dict().items()}
         state.update({f"unet.{k}": v for k, v in SemanticGuidedAdapter.ip_state(self.unet).items()})
-        with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+        write_safetensors(folder / ADAPTER_WEIGHTS, state)
         config = {"type": "anomalycontrol", "base_model": self.base_model, "vlm": self.vlm_name, **self.sga.settings}
         write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2))
         return folder
@@ -318,10 +315,7 @@ class AnomalyControlModel(nn.Module):
             z0 = encode(self.vae, images).float()
             masked = encode(self.vae, images * (1 - masks) + 0.5 * masks).float()  # hole at 0 in [-1, 1], as diffusers
         scheduler = self.pipeline.scheduler.__class__.from_config(self.pipeline.scheduler.config)
-        if timesteps is None:
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
-        if noise is None:
-            noise = torch.randn(z0.shape, generator=generator).to(z0)
+        timesteps, noise = training_noise(scheduler, z0, generator, timesteps, noise)
         SemanticGuidedAdapter.set_scale(self.unet, self.train_scale)
         image_embeds = self.sga(features.to(self.sga.blip_proj.weight.dtype))
         if self.training and self.dropout > 0:

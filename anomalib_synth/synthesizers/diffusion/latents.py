@@ -18,6 +18,7 @@ __all__ = [
     "noise_like",
     "noise_to_timestep",
     "predicted_original",
+    "training_noise",
     "vae_scale_factor",
 ]
 
@@ -66,6 +67,16 @@ def noise_to_timestep(scheduler: Any, latents: Tensor, timestep: Tensor | int, n
     """``sqrt(abar_t) z0 + sqrt(1 - abar_t) eps``: a clean latent noised to ``timestep`` (the scheduler's ``add_noise``)."""
     t = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
     return scheduler.add_noise(latents, noise.to(latents), t)
+
+
+def training_noise(scheduler: Any, z0: Tensor, generator: torch.Generator | None = None,
+                   timesteps: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Uniform training timesteps and Gaussian noise for a batch of clean latents (either may be fixed, for tests)."""
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=generator)
+    if noise is None:
+        noise = torch.randn(z0.shape, generator=generator)
+    return timesteps.to(z0.device), noise.to(z0)
 
 
 def predicted_original(scheduler: Any, latents: Tensor, noise_pred: Tensor, timestep: Tensor | int) -> Tensor:

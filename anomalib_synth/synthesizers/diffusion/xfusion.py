@@ -38,7 +38,16 @@ from torch import Tensor, nn
 from ..base import Params, SynthesisResult
 from ..registry import register
 from .common import DiffusionSynthesizer, composite, to_model_size
-from .latents import clip_pixels, decode, encode, generators_for, latent_mask, noise_like, noise_to_timestep
+from .latents import (
+    clip_pixels,
+    decode,
+    encode,
+    generators_for,
+    latent_mask,
+    noise_like,
+    noise_to_timestep,
+    training_noise,
+)
 from .loading import CLIP_VIT_L14, SD15, ModelNotFoundError, load_pretrained, resolve_dtype
 
 __all__ = [
@@ -166,17 +175,13 @@ class XFusionAdapter(nn.Module):
 
     def save_pretrained(self, folder: str | Path, lora_state: dict[str, Tensor] | None = None) -> Path:
         """Write the adapter (atomically, file by file) and return the folder."""
-        from safetensors.torch import save_file
-
-        from ...io import atomic_path, write_text
+        from ...io import write_safetensors, write_text
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        write_safetensors(folder / ADAPTER_WEIGHTS, self.state_dict())
         if lora_state:
-            with atomic_path(folder / LORA_WEIGHTS) as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, str(tmp))
+            write_safetensors(folder / LORA_WEIGHTS, lora_state)
         write_text(folder / ADAPTER_CONFIG, json.dumps({"type": "xfusion", **self.settings}, indent=2))
         return folder
 
@@ -326,11 +331,7 @@ class XFusionModel(nn.Module):
         scheduler = self._scheduler_cls.from_config(self.scheduler_config)
         with torch.no_grad():
             z0 = encode(self.vae, images).float()
-        if timesteps is None:
-            high = scheduler.config.num_train_timesteps
-            timesteps = torch.randint(0, high, (b,), generator=generator).to(device)
-        if noise is None:
-            noise = torch.randn(z0.shape, generator=generator).to(z0)
+        timesteps, noise = training_noise(scheduler, z0, generator, timesteps, noise)
         if self.training and self.caption_dropout > 0:
             drop = torch.rand(b, generator=generator) < self.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
