@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -16,6 +16,8 @@ from .synthesizers.diffusion.loading import ModelNotFoundError
 
 ANOMALIB_COMMANDS = ("train", "fit", "validate", "test", "predict")
 """Subcommands handed to anomalib's CLI (with the plugin imported)."""
+
+EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 
 
 def _parse_options(options: Sequence[str]) -> dict[str, Any]:
@@ -37,6 +39,18 @@ def _number(value: Any) -> Any:
             return float(value)
         except ValueError:
             return value
+    return value
+
+
+def _positive(text: str) -> int:
+    """argparse type: a positive integer (sizes, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"must be a positive integer, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
     return value
 
 
@@ -70,13 +84,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         name=args.name,
         progress=not args.quiet,
         channels=1 if args.grayscale else 3,
+        on_error=args.on_error,
         **kwargs,
     )
-    anomalous = sum(r["label"] for r in records)
-    print(
-        f"wrote {len(records)} samples ({anomalous} anomalous) to {args.output} in {time.perf_counter() - start:.1f}s"
-    )
+    print(generation_summary(records, args.output, time.perf_counter() - start))
     return 0
+
+
+def generation_summary(records: Any, output: str, seconds: float) -> str:
+    """What a ``generate`` call did, in one line (a rerun that finds everything done says so)."""
+    anomalous = sum(r["label"] for r in records)
+    if records.written == 0:
+        text = f"nothing to do: {output} already holds all {len(records)} samples ({anomalous} anomalous)"
+    elif records.written < len(records):
+        text = (f"wrote {records.written} missing samples; {output} now holds all {len(records)} "
+                f"({anomalous} anomalous) in {seconds:.1f}s")  # fmt: skip
+    else:
+        text = f"wrote {len(records)} samples ({anomalous} anomalous) to {output} in {seconds:.1f}s"
+    if records.skipped:
+        text += f"; skipped {len(records.skipped)} unreadable source file(s) (see the warnings above)"
+    return text
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -142,9 +169,18 @@ def run_anomalib(args: Sequence[str]) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (the usage stays in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="anomalib-synth", description="Synthetic, labelled defects for anomalib (image + mask + label)."
+    parser = OneLineParser(
+        prog="anomalib-synth",
+        description="Synthetic, labelled defects for anomalib (image + mask + label).",
+        epilog="Errors print one line; add --debug (anywhere) to see the traceback.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in ANOMALIB_COMMANDS:
@@ -157,11 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="folder of normal images, or builtin:brick|grass|gravel|coffee[,...]")
     p.add_argument("output", help="output folder (resumable: rerun the same command after an interruption)")
     p.add_argument("--synthesizer", "-s", required=True, help="registry name, see `anomalib-synth list`")
-    p.add_argument("--num", "-n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--num", "-n", type=_positive, default=16, help="number of samples (default 16)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
-    p.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"), help="default 256 256")
+    p.add_argument("--size", type=_positive, nargs=2, default=(256, 256), metavar=("H", "W"), help="default 256 256")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--name", default=None, help="defect folder name (default: the synthesizer name)")
     p.add_argument("--foreground", choices=("none", "auto"), default=None, help="limit defects to the object")
     p.add_argument("--grayscale", action="store_true", help="load images as 1-channel")
@@ -172,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="diffusion synthesizers: Hub id or local folder of the base model (sets option model=)",
     )
+    p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                   help="unreadable source files: skip them with a warning (default) or stop")  # fmt: skip
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 
@@ -199,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="anomalib_synth_demo", help="default ./anomalib_synth_demo")
     p.add_argument("--gallery", default=None, help="gallery image path (default OUTPUT/gallery.png)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--size", type=_positive, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=_cmd_demo)
@@ -210,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="is,kid,ic-lpips,background", help="comma-separated subset")
     p.add_argument("--distance", default="lpips-alex", choices=("lpips-alex", "lpips-vgg", "pixel"),
                    help="for IC-LPIPS and the background; 'pixel' needs no weights (smoke tests only)")  # fmt: skip
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--size", type=_positive, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default=None, help="JSON path (default GENERATED/scores.json; a .md table next to it)")
     p.set_defaults(func=_cmd_score)
@@ -289,7 +327,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     from .synthesizers.diffusion.loading import CLIP_VIT_L14, SD15, SD15_INPAINTING
     from .training.control import PAIRINGS
 
-    parser = argparse.ArgumentParser(prog="anomalib-synth train", description=build_train_parser.__doc__)
+    parser = OneLineParser(prog="anomalib-synth train", description=build_train_parser.__doc__)
     sub = parser.add_subparsers(dest="method", required=True)
     p = sub.add_parser("xfusion", help="train an AnomalyXFusion adapter (MIF + DDF [+ LoRA]) on captioned defects")
     _add_training_arguments(p, "xfusion_run")
@@ -311,24 +349,87 @@ def build_train_parser() -> argparse.ArgumentParser:
 OUR_TRAINERS = ("xfusion", "control")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) > 1 and argv[0] == "train" and argv[1] in OUR_TRAINERS:
+class Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler, so that a terminated run cleans up as after Ctrl-C (temp files, progress)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a user mistake or a missing resource: one line on stderr, no traceback."""
+    from .io import ImageReadError
+
+    return (ValueError, OSError, ModelNotFoundError, ImageReadError)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (multi-line messages from libraries are joined)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
+
+
+def offline_weights_hint(err: BaseException) -> str | None:
+    """A one-line fix when ``err`` (or its cause) is a pretrained backbone that cannot be fetched offline."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain)
+    offline = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "URLError"} & names or (
+        "huggingface" in text.lower() and ("offline" in text.lower() or "connection" in text.lower())
+    )
+    if not offline:
+        return None
+    return (
+        "the model needs pretrained weights that cannot be downloaded here (offline). Supply them locally: "
+        "`--backbone-weights NAME=PATH` (see anomalib_synth.backbones), or copy them into the Hugging Face / torch "
+        "cache on a machine with internet, or set the model's `pre_trained: false` (random features)"
+    )
+
+
+def _dispatch(argv: list[str]) -> int:
+    if len(argv) > 1 and argv[0] == "train" and argv[1] in OUR_TRAINERS:  # our adapters; any other train is anomalib's
         args = build_train_parser().parse_args(argv[1:])
-        try:
-            return args.func(args)
-        except (ValueError, ModelNotFoundError) as err:
-            print(f"anomalib-synth {args.command}: error: {err}", file=sys.stderr)
-            return 2
+        return args.func(args)
     if argv and argv[0] in ANOMALIB_COMMANDS:
         return run_anomalib(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point. User mistakes print one line on stderr and exit 2 (``--debug`` shows the traceback);
+    Ctrl-C exits 130 and SIGTERM 143, each with one line, after the temp files of the sample in flight are removed."""
+    import signal
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    ours = len(argv) > 1 and argv[0] == "train" and argv[1] in OUR_TRAINERS
+    command = " ".join(argv[:2] if ours else argv[:1])
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return args.func(args)
-    except (ValueError, ModelNotFoundError) as err:  # bad input or missing weights: a clear message, no traceback
-        print(f"anomalib-synth {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _dispatch(argv)
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        what, code = (
+            ("terminated", EXIT_TERMINATED) if isinstance(err, Terminated) else ("interrupted", EXIT_INTERRUPTED)
+        )
+        print(f"anomalib-synth {command}: {what}; finished samples are kept, rerun the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return code
+    except _user_errors() as err:
+        if debug:
+            raise
+        hint = offline_weights_hint(err)
+        print(f"anomalib-synth {command}: error: {hint or one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

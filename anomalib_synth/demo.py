@@ -64,7 +64,7 @@ def run_demo(
     """
     output = Path(output)
     source = BUILTIN_PREFIX + ",".join(photos)
-    images, _ = load_source(source, (size, size))
+    images = load_source(source, (size, size)).images
     num = len(photos) * per_photo
     table: dict[str, dict[str, float]] = {}
     rows = {}

@@ -10,9 +10,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .io import load_source
+from .io import SKIP, load_source
 from .synthesizers import Synthesizer, get
 from .writer import MVTecWriter
+
+
+class GenerationRecords(list):
+    """The manifest records of a generated folder (a ``list``), with what this call did.
+
+    Attributes:
+        written (int): samples written by this call (``0`` when a rerun found everything done).
+        skipped (list[tuple[str, str]]): ``(file, reason)`` of each unreadable source file that was skipped.
+    """
+
+    def __init__(self, records: list[dict[str, Any]], written: int, skipped: list[tuple[str, str]]) -> None:
+        super().__init__(records)
+        self.written = written
+        self.skipped = skipped
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -39,8 +53,9 @@ def generate(
     name: str | None = None,
     progress: bool = True,
     channels: int = 3,
+    on_error: str = SKIP,
     **synthesizer_kwargs: Any,
-) -> list[dict[str, Any]]:
+) -> GenerationRecords:
     """Synthesize ``num`` anomalies from the normal images of ``source`` into an MVTec-style folder ``output``.
 
     Source images are used in turn (sample ``i`` comes from image ``i % N``); batch ``k`` draws its randomness from
@@ -59,10 +74,12 @@ def generate(
         name (str | None, optional): defect folder name. Defaults to the synthesizer's short name.
         progress (bool, optional): show a progress bar. Defaults to ``True``.
         channels (int, optional): 3 (RGB) or 1 (grayscale). Defaults to ``3``.
+        on_error (str, optional): ``"skip"`` unreadable source files with a warning, or ``"raise"``
+            :class:`~anomalib_synth.io.ImageReadError`. Defaults to ``"skip"``.
         **synthesizer_kwargs: constructor arguments when ``synthesizer`` is a name.
 
     Returns:
-        list[dict]: the manifest records, sorted by index.
+        GenerationRecords: the manifest records, sorted by index (a list), with ``written`` and ``skipped``.
 
     Raises:
         ValueError: for a missing or empty source, bad arguments, or an output folder holding a different run.
@@ -73,7 +90,7 @@ def generate(
     synth = get(synthesizer, **synthesizer_kwargs) if isinstance(synthesizer, str) else synthesizer
     dev = resolve_device(device)
     synth = synth.to(dev)
-    images, sources = load_source(source, size, channels)
+    images, sources, skipped = load_source(source, size, channels, on_error)
     label = name or synth.name or type(synth).__name__.lower()
     writer = MVTecWriter(output, label, digits=max(3, len(str(num - 1))))
     settings = {
@@ -88,7 +105,8 @@ def generate(
         "channels": channels,
     }
     writer.check_run(settings)
-    synthesize_to_folder(
+    writer.remove_stale_temporaries()
+    written = synthesize_to_folder(
         synth,
         writer,
         lambda ids: images[ids],
@@ -100,7 +118,7 @@ def generate(
         device=dev,
         progress=progress,
     )
-    return writer.finalize()
+    return GenerationRecords(writer.finalize(), written, [(str(p), reason) for p, reason in skipped])
 
 
 def synthesize_to_folder(
@@ -116,17 +134,18 @@ def synthesize_to_folder(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
-) -> None:
+) -> int:
     """Write samples ``0 .. num-1`` that ``writer`` does not have yet; sample ``i`` comes from source ``source_of(i)``.
 
     The samples are cut into fixed batches of ``batch_size``; batch ``k`` is seeded with :func:`batch_seed` and done
     by process ``k % world_size``, so the files do not depend on how many processes wrote them or on what was
-    already written. ``load(ids)`` returns the source images ``[len(ids), C, H, W]``.
+    already written. ``load(ids)`` returns the source images ``[len(ids), C, H, W]``. Returns how many were written.
     """
     done = writer.completed()
     batches = [k for k in range(math.ceil(num / batch_size)) if k % world_size == rank]
     total = sum(min(batch_size, num - k * batch_size) for k in batches)
     initial = sum(1 for k in batches for i in range(k * batch_size, min(num, (k + 1) * batch_size)) if i in done)
+    written = 0
     desc = f"synthesize {writer.name}" + (f" [rank {rank}]" if world_size > 1 else "")
     with tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not progress) as bar:
         for batch_index in batches:
@@ -147,4 +166,6 @@ def synthesize_to_folder(
                     "params": result.params[j],
                 }
                 done[i] = writer.write(i, result.images[j], result.masks[j], bool(result.labels[j]), record)
+                written += 1
                 bar.update(1)
+    return written

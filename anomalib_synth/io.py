@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import struct
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -19,6 +22,8 @@ BUILTIN_PHOTOS = ("brick", "grass", "gravel", "coffee", "camera", "astronaut", "
 """scikit-image's shipped photos usable as ``builtin:<name>`` (no download needed)."""
 
 BUILTIN_PREFIX = "builtin:"
+
+logger = logging.getLogger(__name__)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -38,11 +43,27 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     return files
 
 
+class ImageReadError(ValueError):
+    """An image file cannot be read (corrupt, truncated, or of a kind we cannot convert faithfully)."""
+
+
+SKIP, RAISE = "skip", "raise"
+ON_ERROR = (SKIP, RAISE)
+"""What loaders do with an unreadable file: skip it with a warning, or raise :class:`ImageReadError`."""
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def to_tensor(array: np.ndarray, channels: int = 3) -> Tensor:
     """uint8 ``HxW`` / ``HxWxC`` array -> float ``[channels, H, W]`` in ``[0, 1]``."""
+    return _float_to_tensor(np.asarray(array, dtype=np.float32) / 255.0, channels)
+
+
+def _float_to_tensor(array: np.ndarray, channels: int) -> Tensor:
+    """float ``HxW`` / ``HxWxC`` array in ``[0, 1]`` -> ``[channels, H, W]`` (gray <-> RGB as needed)."""
     if array.ndim == 2:
         array = array[..., None]
-    x = torch.from_numpy(np.array(array[..., :3], copy=True)).permute(2, 0, 1).float() / 255.0
+    x = torch.from_numpy(np.array(array[..., :3], dtype=np.float32, copy=True)).permute(2, 0, 1)
     if x.shape[0] == channels:
         return x
     if channels == 3:
@@ -50,14 +71,92 @@ def to_tensor(array: np.ndarray, channels: int = 3) -> Tensor:
     return (x * x.new_tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
 
 
-def read_image(path: str | Path, channels: int = 3) -> Tensor:
-    """Read an image file as float ``[channels, H, W]`` in ``[0, 1]``."""
+def pil_to_tensor(img: Image.Image, channels: int = 3) -> Tensor:
+    """A PIL image of any common mode -> float ``[channels, H, W]`` in ``[0, 1]``.
+
+    16-bit grayscale (``I;16*``, and ``I`` as Pillow opens 16-bit PNGs) is scaled by 65535 rather than clipped to
+    255 (which would turn it white, as ``Image.convert("RGB")`` does); float images (``F``) are clipped to ``[0, 1]``;
+    palette, RGBA, LA, CMYK and 1-bit images go through Pillow's own conversion (alpha is dropped, as anomalib's
+    reader does).
+    """
+    if img.mode in _SIXTEEN_BIT_MODES:
+        return _float_to_tensor(np.asarray(img, dtype=np.float32).clip(0, 65535) / 65535.0, channels)
+    if img.mode == "F":
+        return _float_to_tensor(np.asarray(img, dtype=np.float32).clip(0, 1), channels)
+    if channels == 1 and img.mode != "L":
+        img = img.convert("L")
+    elif channels == 3 and img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    return to_tensor(np.asarray(img), channels)
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and decode ``path`` with its EXIF orientation applied; :class:`ImageReadError` names the file if not."""
     path = Path(path)
     if not path.is_file():
         msg = f"image file {str(path)!r} does not exist"
+        raise ImageReadError(msg)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        msg = f"cannot read image {str(path)!r}: {err}"
+        raise ImageReadError(msg) from err
+
+
+def read_image(path: str | Path, channels: int = 3) -> Tensor:
+    """Read an image file as float ``[channels, H, W]`` in ``[0, 1]``; :class:`ImageReadError` if it cannot be read."""
+    return pil_to_tensor(open_image(path), channels)
+
+
+class UnsupportedImageError(ImageReadError):
+    """A readable image that anomalib's own reader would silently get wrong (e.g. 16-bit grayscale turns white)."""
+
+
+def probe_image(path: str | Path) -> None:
+    """Check that anomalib's own reader (``Image.open(path).convert("RGB")``) can read ``path`` faithfully.
+
+    Reads the header and checks the file's structure (``Image.verify``: chunk checksums, no decompression), so it is
+    cheap enough for a whole data set. Raises :class:`ImageReadError` for a missing, non-image or truncated file and
+    :class:`UnsupportedImageError` for 16-bit or float grayscale, which that reader clips to white.
+    """
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            img.verify()
+    except (OSError, SyntaxError, ValueError, struct.error) as err:
+        msg = f"cannot read image {str(path)!r}: {err}"
+        raise ImageReadError(msg) from err
+    if mode in _SIXTEEN_BIT_MODES or mode == "F":
+        kind = "float" if mode == "F" else "16-bit"
+        msg = f"{str(path)!r} is a {kind} grayscale image, which anomalib's reader turns white; convert it to 8-bit"
+        raise UnsupportedImageError(msg)
+
+
+def read_images(
+    paths: Sequence[str | Path], size: Sequence[int] | None, channels: int = 3, on_error: str = SKIP
+) -> tuple[list[Tensor], list[Path], list[tuple[Path, str]]]:
+    """Read and resize ``paths``; returns the images, their paths, and ``(path, reason)`` of each skipped file.
+
+    With ``on_error="skip"`` unreadable files are skipped with a warning; with ``"raise"`` the first one raises
+    :class:`ImageReadError`.
+    """
+    if on_error not in ON_ERROR:
+        msg = f"on_error must be one of {ON_ERROR}, got {on_error!r}"
         raise ValueError(msg)
-    with Image.open(path) as img:
-        return to_tensor(np.asarray(img.convert("RGB" if channels == 3 else "L")), channels)
+    images, kept, skipped = [], [], []
+    for path in paths:
+        try:
+            images.append(resize(read_image(path, channels), size))
+        except ImageReadError as err:
+            if on_error == RAISE:
+                raise
+            logger.warning("skipping %s", err)
+            skipped.append((Path(path), str(err)))
+            continue
+        kept.append(Path(path))
+    return images, kept, skipped
 
 
 def builtin_photo(name: str, channels: int = 3) -> Tensor:
@@ -72,6 +171,9 @@ def builtin_photo(name: str, channels: int = 3) -> Tensor:
 
 def resize(image: Tensor, size: Sequence[int] | None) -> Tensor:
     """Resize ``[C, H, W]`` or ``[B, C, H, W]`` to ``size = (H, W)`` (antialiased bilinear); ``None`` keeps it."""
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        msg = f"size must be two positive integers (H, W), got {tuple(size)}"
+        raise ValueError(msg)
     if size is None:
         return image
     squeeze = image.ndim == 3
@@ -81,20 +183,36 @@ def resize(image: Tensor, size: Sequence[int] | None) -> Tensor:
     return x.squeeze(0) if squeeze else x
 
 
-def load_source(source: str, size: Sequence[int] | None = (256, 256), channels: int = 3) -> tuple[Tensor, list[str]]:
-    """Load normal images from a folder or ``builtin:<name>[,<name>...]``.
+class Source(NamedTuple):
+    """Normal images loaded by :func:`load_source`."""
 
-    Returns a float ``[N, C, H, W]`` stack (all resized to ``size``) and the source name of each image.
+    images: Tensor
+    """float ``[N, C, H, W]`` in ``[0, 1]``."""
+    names: list[str]
+    """the file (or ``builtin:<name>``) of each image."""
+    skipped: list[tuple[Path, str]]
+    """``(path, reason)`` of each unreadable file that was skipped."""
+
+
+def load_source(
+    source: str, size: Sequence[int] | None = (256, 256), channels: int = 3, on_error: str = SKIP
+) -> Source:
+    """Load normal images from a folder or ``builtin:<name>[,<name>...]``, all resized to ``size``.
+
+    Unreadable files are skipped with a warning (``on_error="skip"``) or raise :class:`ImageReadError`
+    (``"raise"``); a folder with no readable image raises ``ValueError``.
     """
     if source.startswith(BUILTIN_PREFIX):
         names = [n for n in source[len(BUILTIN_PREFIX) :].split(",") if n]
         if not names:
             names = ["brick"]
         images = [resize(builtin_photo(n, channels), size) for n in names]
-        return torch.stack(images) if size else _stack_same(images), [BUILTIN_PREFIX + n for n in names]
-    files = list_images(source)
-    images = [resize(read_image(f, channels), size) for f in files]
-    return torch.stack(images) if size else _stack_same(images), [str(f) for f in files]
+        return Source(torch.stack(images) if size else _stack_same(images), [BUILTIN_PREFIX + n for n in names], [])
+    images, kept, skipped = read_images(list_images(source), size, channels, on_error)
+    if not images:
+        msg = f"image folder {source!r} holds no readable images ({len(skipped)} could not be read)"
+        raise ValueError(msg)
+    return Source(torch.stack(images) if size else _stack_same(images), [str(f) for f in kept], skipped)
 
 
 def _stack_same(images: list[Tensor]) -> Tensor:
@@ -151,7 +269,8 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor]) -> None:
 def load_texture_bank(folder: str | Path, size: int = 256, limit: int | None = None) -> Tensor:
     """Load the anomaly-source textures of ``folder`` (searched recursively, e.g. DTD ``images/``).
 
-    At most ``limit`` textures are kept, evenly spaced in sorted order. Each texture is centre-cropped to a square and resized to ``size``; returns float ``[N, 3, size, size]``.
+    At most ``limit`` textures are kept, evenly spaced in sorted order. Each texture is centre-cropped to a square
+    and resized to ``size``; returns float ``[N, 3, size, size]``.
     Raises ``ValueError`` if the folder is missing or holds no images.
     """
     files = list_images(folder)

@@ -73,6 +73,18 @@ class MVTecWriter:
             return
         write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files left by a killed run (``.<name>.<random>.tmp.png``); returns how many.
+
+        Call it before writing, from one process only: it would also remove another live writer's files in flight.
+        """
+        removed = 0
+        for path in self.root.rglob(".*.tmp*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def completed(self) -> dict[int, dict[str, Any]]:
         """Records of samples whose manifest line is valid and whose files exist and can be read."""
         lines = []

@@ -81,6 +81,9 @@ def build_cache(
         records = [r for _, r in sorted(writer.completed().items())]
         if len(records) == len(sources) * variants:
             return root, records
+    if rank == 0:
+        writer.remove_stale_temporaries()  # left by a killed build; before any rank starts writing
+    _barrier()
     synth = synth.to(device)
     synthesize_to_folder(
         synth,

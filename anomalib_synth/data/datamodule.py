@@ -13,6 +13,7 @@ from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base import AnomalibDataset
 from torchvision.transforms.v2 import Resize
 
+from ..io import ON_ERROR, RAISE, ImageReadError, UnsupportedImageError, probe_image
 from ..synthesizers import Synthesizer, get
 from ..transforms import synthesize_batch
 from .cache import build_cache, records_to_samples
@@ -88,6 +89,9 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         image_size (tuple[int, int] | None): size of images synthesized to disk; ``None`` uses the model's
             ``Resize`` (or 256). Defaults to ``None``.
         synthesis_batch_size (int): batch size of on-disk synthesis. Defaults to ``16``.
+        on_bad_file (str): ``"skip"`` image or mask files that cannot be read (with a warning naming each), or
+            ``"raise"``. Files anomalib's reader would misread (16-bit grayscale) always raise. Defaults to
+            ``"skip"``.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         val_ratio: float = 0.2,
         image_size: tuple[int, int] | None = None,
         synthesis_batch_size: int = 16,
+        on_bad_file: Literal["skip", "raise"] = "skip",
     ) -> None:
         super().__init__(
             train_batch_size=datamodule.train_batch_size,
@@ -121,6 +126,9 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         if n_shots is not None and n_shots < 1:
             msg = f"n_shots must be a positive integer or None, got {n_shots}"
             raise ValueError(msg)
+        if on_bad_file not in ON_ERROR:
+            msg = f"on_bad_file must be one of {ON_ERROR}, got {on_bad_file!r}"
+            raise ValueError(msg)
         if variants_per_image < 1:
             msg = f"variants_per_image must be >= 1, got {variants_per_image}"
             raise ValueError(msg)
@@ -136,6 +144,8 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         self.val_ratio = float(val_ratio)
         self.image_size = tuple(image_size) if image_size else None
         self.synthesis_batch_size = int(synthesis_batch_size)
+        self.on_bad_file = on_bad_file
+        self.skipped_files: list[str] = []
         self._epoch = -1
         self._batch = 0
 
@@ -168,6 +178,10 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
 
     def _setup(self, _stage: str | None = None) -> None:
         inner = self.datamodule
+        for split in ("train", "val", "test"):
+            dataset = getattr(inner, f"{split}_data", None)
+            if dataset is not None:
+                self._drop_unreadable(dataset, split)
         train: AnomalibDataset = inner.train_data
         normal = [i for i, label in enumerate(train.samples.label_index) if int(label) == 0]
         generator = torch.Generator().manual_seed(_mix_seed(self.seed or 0, 1))
@@ -208,6 +222,32 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         if self.mode == "cache":
             self.train_data = self._with_synthetic(self.train_data, "train", size, train.augmentations)
 
+    def _drop_unreadable(self, dataset: AnomalibDataset, split: str) -> None:
+        """Check every image and mask file of ``dataset`` (headers only) before anomalib's loaders meet them."""
+        samples = dataset.samples
+        masks = samples["mask_path"] if "mask_path" in samples else [""] * len(samples)
+        bad = []
+        for row, (image, mask) in enumerate(zip(samples.image_path, masks, strict=True)):
+            for path in (image, mask):
+                if not isinstance(path, str) or not path:
+                    continue
+                try:
+                    probe_image(path)
+                except UnsupportedImageError:
+                    raise
+                except ImageReadError as err:
+                    if self.on_bad_file == RAISE:
+                        raise
+                    logger.warning("%s set: skipping %s", split, err)
+                    self.skipped_files.append(str(path))
+                    bad.append(row)
+                    break
+        if bad:
+            kept = samples.drop(index=samples.index[bad]).reset_index(drop=True)
+            kept.attrs.update(samples.attrs)
+            dataset.samples = kept
+            logger.warning("%s set: skipped %d unreadable file(s); %d samples remain", split, len(bad), len(kept))
+
     def _synthesis_size(self) -> tuple[int, int]:
         if self.image_size:
             return self.image_size  # type: ignore[return-value]
@@ -230,7 +270,9 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         dataset.samples = records_to_samples(root, records, split)
         return dataset
 
-    def _with_synthetic(self, normal: AnomalibDataset, split: str, size: tuple[int, int], augmentations) -> AnomalibDataset:
+    def _with_synthetic(
+        self, normal: AnomalibDataset, split: str, size: tuple[int, int], augmentations
+    ) -> AnomalibDataset:
         dataset = self._concat(normal, self._cached(normal, split, size))
         dataset.augmentations = augmentations
         return dataset
@@ -298,9 +340,7 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         masks = None if batch.gt_mask is None else batch.gt_mask.as_subclass(torch.Tensor).reshape(b, 1, h, w).bool()
         labels = None if batch.gt_label is None else batch.gt_label.reshape(b).bool()
         self.synthesizer.to(images.device)
-        images, masks, labels = synthesize_batch(
-            self.synthesizer, images, masks, labels, self.anomaly_ratio, generator
-        )
+        images, masks, labels = synthesize_batch(self.synthesizer, images, masks, labels, self.anomaly_ratio, generator)
         return batch.update(in_place=False, image=images, gt_mask=masks[:, 0], gt_label=labels)
 
     def state_dict(self) -> dict[str, Any]:

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from ..io import list_images, read_image, resize
+from ..io import list_images, open_image, read_image, resize
 
 
 @dataclass
@@ -99,8 +98,7 @@ def read_mask(paths: list[Path], size: tuple[int, int]) -> Tensor:
         return torch.zeros(size, dtype=torch.bool)
     union = None
     for path in paths:
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("L")) > 0
+        array = np.asarray(open_image(path).convert("L")) > 0
         union = array if union is None else union | array
     mask = torch.from_numpy(union.astype(np.float32))[None, None]
     return torch.nn.functional.interpolate(mask, size=size, mode="nearest")[0, 0] > 0.5

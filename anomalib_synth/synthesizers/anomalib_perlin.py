@@ -23,6 +23,9 @@ from .ops import randint, to_grayscale
 from .registry import register
 from .validation import check_range
 
+MIN_SIDE = 32
+"""anomalib draws Perlin scales up to ``2**5`` and fails on a smaller side."""
+
 
 @register("anomalib-perlin")
 class AnomalibPerlinSynthesizer(Synthesizer):
@@ -67,6 +70,12 @@ class AnomalibPerlinSynthesizer(Synthesizer):
         return {"texture_dir": self.texture_dir, "beta": list(self.beta), "rotation": list(self.rotation)}
 
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
+        if min(images.shape[-2:]) < MIN_SIDE:
+            msg = (
+                f"anomalib's PerlinAnomalyGenerator needs images of at least {MIN_SIDE}x{MIN_SIDE} px (its Perlin "
+                f"scale reaches 32), got {tuple(images.shape[-2:])}; use `perlin`, which works at any size"
+            )
+            raise ValueError(msg)
         params = {"seed": randint(0, 2**62, (images.shape[0],), generator, "cpu")}
         if fg_masks is not None:
             params["fg"] = fg_masks

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -53,6 +55,36 @@ def get_class(name: str) -> type[Synthesizer]:
         raise ValueError(msg) from None
 
 
+def constructor_arguments(cls: type) -> list[str] | None:
+    """Names of the keyword arguments ``cls(...)`` accepts, following ``**kwargs`` up the MRO (``None``: any)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return sorted(set(names))
+    return None
+
+
 def get(name: str, **kwargs: Any) -> Synthesizer:
-    """Build the synthesizer registered under ``name`` with ``kwargs``, e.g. ``get("perlin", beta=(0.5, 1.0))``."""
-    return get_class(name)(**kwargs)
+    """Build the synthesizer registered under ``name`` with ``kwargs``, e.g. ``get("perlin", beta=(0.5, 1.0))``.
+
+    Raises:
+        ValueError: for an unknown name, or an argument the synthesizer does not take (the message lists those it
+            takes).
+    """
+    cls = get_class(name)
+    accepted = constructor_arguments(cls)
+    unknown = sorted(set(kwargs) - set(accepted)) if accepted is not None else []
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        msg = (
+            f"synthesizer {name!r} takes no argument {', '.join(map(repr, unknown))}{hint}; "
+            f"it takes: {', '.join(accepted)}"
+        )
+        raise ValueError(msg)
+    return cls(**kwargs)
