@@ -4,6 +4,8 @@ the plugin imported."""
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -165,8 +167,36 @@ def run_anomalib(args: Sequence[str]) -> int:
     import anomalib_synth.data  # noqa: F401  (registers the datamodule class for jsonargparse)
 
     configure_logger()
-    AnomalibCLI(list(args))
+    before = _empty_dirs(Path("results"))
+    try:
+        AnomalibCLI(list(args))
+    except BaseException:
+        _remove(_empty_dirs(Path("results")) - before)  # the run's empty results/<Model>/<data>/<category>/vN
+        raise
     return 0
+
+
+def _empty_dirs(root: Path) -> set[Path]:
+    """Folders under ``root`` (and ``root``) that hold no file at any depth, with the symlinks in them that point
+    to such folders or nowhere (anomalib's ``latest``), found in one bottom-up walk."""
+    empty: set[Path] = set()
+
+    def removable(entry: Path) -> bool:
+        if entry.is_symlink():
+            return not entry.exists() or entry.resolve() in empty
+        return entry in empty
+
+    for folder, subfolders, files in os.walk(root.resolve(), topdown=False):
+        entries = [Path(folder, name) for name in (*subfolders, *files)]
+        if all(removable(entry) for entry in entries):
+            empty.update(entries)
+            empty.add(Path(folder))
+    return empty
+
+
+def _remove(paths: set[Path]) -> None:
+    for path in sorted(paths, key=lambda p: len(p.parts), reverse=True):
+        path.unlink() if path.is_symlink() else path.rmdir()
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -371,22 +401,23 @@ def one_line(err: BaseException) -> str:
 
 
 def offline_weights_hint(err: BaseException) -> str | None:
-    """A one-line fix when ``err`` (or its cause) is a pretrained backbone that cannot be fetched offline."""
+    """A one-line fix when ``err`` (or what caused it) is pretrained weights that cannot be fetched offline."""
     chain, seen = [], err
     while seen is not None and len(chain) < 10:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     names = {type(e).__name__ for e in chain}
     text = " ".join(str(e) for e in chain)
-    offline = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "URLError"} & names or (
-        "huggingface" in text.lower() and ("offline" in text.lower() or "connection" in text.lower())
-    )
-    if not offline:
+    hub = re.search(r"hugging ?face|on the hub|hf_hub|urlopen|name or service not known", text, re.IGNORECASE)
+    missing = re.search(r"offline|connection|cannot find the requested files|not known", text, re.IGNORECASE)
+    if not ({"LocalEntryNotFoundError", "OfflineModeIsEnabled", "URLError"} & names or (hub and missing)):
         return None
+    backbone = re.search(r"backbone='([^']+)'", text)
+    what = f"backbone {backbone.group(1)!r}" if backbone else "the model"
     return (
-        "the model needs pretrained weights that cannot be downloaded here (offline). Supply them locally: "
-        "`--backbone-weights NAME=PATH` (see anomalib_synth.backbones), or copy them into the Hugging Face / torch "
-        "cache on a machine with internet, or set the model's `pre_trained: false` (random features)"
+        f"{what} needs pretrained weights that cannot be downloaded here (offline). Supply them locally with "
+        "`--backbone-weights NAME=PATH` (see anomalib_synth.backbones), copy them into the Hugging Face / torch "
+        "cache from a machine with internet, or set the model's `pre_trained: false` (random features)"
     )
 
 

@@ -350,3 +350,22 @@ def test_cli_signal_exits_cleanly_and_rerun_leaves_a_folder_anomalib_loads(tmp_p
         normal_dir=normal, abnormal_dir=out / "test" / "nsa", mask_dir=out / "ground_truth" / "nsa"
     )
     assert (samples.label_index == 1).sum() == sum(r["label"] for r in records)
+
+
+@pytest.mark.slow
+def test_anomalib_train_on_a_bad_file_is_one_line_and_leaves_no_empty_results(tmp_path, monkeypatch, capsys) -> None:
+    from anomalib_synth.cli import main
+
+    root = write_folder_dataset(tmp_path / "data")
+    Image.fromarray(gray16()).save(root / "good" / "gray16.png")
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--model", "Padim", "--model.backbone", "resnet18", "--model.pre_trained", "false",
+                 "--model.n_features", "32", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+                 "--data", "SyntheticAnomalyDataModule", "--data.datamodule", "Folder",
+                 "--data.datamodule.name", "white", "--data.datamodule.root", str(root),
+                 "--data.datamodule.normal_dir", "good", "--data.datamodule.num_workers", "0",
+                 "--data.cache_dir", str(tmp_path / "cache")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "gray16.png" in err[-1] and "16-bit grayscale" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "results").exists() or any(p.is_file() for p in (tmp_path / "results").rglob("*"))
