@@ -16,7 +16,7 @@ from .io import BUILTIN_PREFIX, atomic_path, load_source, to_uint8
 from .synthesizers import get
 
 DEMO_PHOTOS = ("brick", "grass", "gravel", "coffee")
-CLASSICAL = ("perlin", "cutpaste", "scar", "nsa")
+CLASSICAL = ("perlin", "cutpaste", "scar", "nsa", "anomalib-perlin")
 
 
 def overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,14 +86,17 @@ def run_demo(
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
     """A plain-text table of :func:`run_demo`'s metrics."""
-    header = f"{'synthesizer':<10} {'anomalous':>9} {'mask area':>9} {'bg PSNR':>8} {'visibility':>10} {'mask IoU':>8}"
+    width = max([len("synthesizer")] + [len(name) for name in table if not name.startswith("_")])
+    header = (
+        f"{'synthesizer':<{width}} {'anomalous':>9} {'mask area':>9} {'bg PSNR':>8} {'visibility':>10} {'mask IoU':>8}"
+    )
     lines = [header, "-" * len(header)]
     for name, row in table.items():
         if name.startswith("_"):
             continue
         psnr = "inf" if row["background_psnr"] == float("inf") else f"{row['background_psnr']:.1f}"
         lines.append(
-            f"{name:<10} {row['anomalous']:>9.2f} {row['mask_area']:>9.3f} {psnr:>8} "
+            f"{name:<{width}} {row['anomalous']:>9.2f} {row['mask_area']:>9.3f} {psnr:>8} "
             f"{row['visibility']:>10.3f} {row['mask_iou']:>8.3f}"
         )
     return "\n".join(lines)

@@ -155,6 +155,7 @@ def synthesize_to_folder(
             source_ids = [source_of(i) for i in ids]
             generator = torch.Generator().manual_seed(batch_seed(seed, batch_index))
             result = synth(load(source_ids).to(device), generator=generator)
+            areas = result.masks.flatten(1).mean(1).tolist()  # what the written masks cover, one host transfer
             for j, i in enumerate(ids):
                 if i in done:
                     continue
@@ -163,6 +164,7 @@ def synthesize_to_folder(
                     "synthesizer": synth.name,
                     "seed": seed,
                     "batch": batch_index,
+                    "mask_area": round(areas[j], 6),
                     "params": result.params[j],
                 }
                 done[i] = writer.write(i, result.images[j], result.masks[j], bool(result.labels[j]), record)

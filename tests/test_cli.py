@@ -151,7 +151,7 @@ def test_empty_foreground_goes_to_good(tmp_path, monkeypatch) -> None:
 def test_demo_runs_end_to_end(tmp_path, capsys) -> None:
     assert main(["demo", "--output", str(tmp_path), "--size", "64", "-q"]) == 0
     out = capsys.readouterr().out
-    for name in ("perlin", "cutpaste", "scar", "nsa"):
+    for name in ("perlin", "cutpaste", "scar", "nsa", "anomalib-perlin"):
         assert name in out
         assert (tmp_path / name / MANIFEST).is_file()
     gallery = Image.open(tmp_path / "gallery.png")

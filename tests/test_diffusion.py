@@ -50,7 +50,7 @@ def test_loading_round_trip_and_clear_errors(tiny, tmp_path) -> None:
     with pytest.raises(ModelNotFoundError, match="does not exist") as missing:
         load_pretrained(UNet2DConditionModel, tmp_path / "nowhere", "my UNet", subfolder="unet")
     assert "my UNet" in str(missing.value) and str(tmp_path / "nowhere") in str(missing.value)
-    with pytest.raises(ModelNotFoundError, match="huggingface-cli download nobody/no-such-model"):
+    with pytest.raises(ModelNotFoundError, match="hf download nobody/no-such-model"):
         load_pretrained(UNet2DConditionModel, "nobody/no-such-model", "my UNet", local_files_only=True)
     with pytest.raises(ModelNotFoundError, match="AnomalyAny: Stable Diffusion"):
         get("anomalyany", model=tmp_path / "empty-dir-that-is-missing")

@@ -369,3 +369,49 @@ def test_anomalib_train_on_a_bad_file_is_one_line_and_leaves_no_empty_results(tm
     assert code == 2 and "gray16.png" in err[-1] and "16-bit grayscale" in err[-1]
     assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "results").exists() or any(p.is_file() for p in (tmp_path / "results").rglob("*"))
+
+
+# --- honest records -------------------------------------------------------------------------------------------------
+
+
+def test_fill_holes_matches_scipy() -> None:
+    import scipy.ndimage as ndi
+
+    from anomalib_synth.synthesizers.ops import fill_holes
+
+    masks = torch.rand(6, 1, 40, 50, generator=torch.Generator().manual_seed(0)) > 0.55
+    expected = np.stack([ndi.binary_fill_holes(m) for m in masks[:, 0].numpy()])
+    assert np.array_equal(fill_holes(masks)[:, 0].numpy(), expected)
+
+
+def test_nsa_masks_are_solid_and_still_cover_exactly_what_changed(photos) -> None:
+    import scipy.ndimage as ndi
+
+    images = torch.cat([photos, photos.flip(-1)])
+    out = get("nsa")(images, generator=torch.Generator().manual_seed(3))
+    masks = out.masks[:, 0].bool().numpy()
+    holes = sum(int((ndi.binary_fill_holes(m) & ~m).sum()) for m in masks)
+    assert holes == 0 and masks.any(axis=(1, 2)).all()
+    changed = (out.images != images).any(1).numpy()
+    assert not (changed & ~masks).any()
+
+
+def test_manifest_mask_area_matches_the_mask_files(tmp_path) -> None:
+    for name in ("perlin", "nsa", "scar"):
+        records = generate("builtin:brick,grass", tmp_path / name, name, num=4, size=(64, 64), progress=False)
+        for r in records:
+            mask = np.asarray(Image.open(tmp_path / name / r["mask"])) > 0
+            assert r["mask_area"] == pytest.approx(mask.mean(), abs=1e-6)
+            assert "area" not in r["params"] and "target_area" not in r["params"]
+    records = generate("builtin:brick", tmp_path / "area", "perlin", num=2, size=(64, 64), progress=False,
+                       area_range=(0.05, 0.1))  # fmt: skip
+    assert all(0.05 <= r["params"]["target_area"] <= 0.1 for r in records)
+
+
+def test_scar_defaults_are_large_enough_to_see_and_cutpaste_scar_keeps_the_papers_sizes(photos) -> None:
+    images = torch.nn.functional.interpolate(photos, size=(256, 256), mode="bilinear")
+    gen = torch.Generator().manual_seed(0)
+    scar = get("scar")(images, generator=gen).masks.mean((1, 2, 3))
+    paper = get("cutpaste", mode="scar")(images, generator=torch.Generator().manual_seed(0)).masks.mean((1, 2, 3))
+    assert float(scar.min()) >= 0.002 and float(scar.mean()) >= 0.005
+    assert float(paper.max()) <= 0.0065

@@ -226,9 +226,13 @@ def test_cutpaste_other_source_takes_patches_from_another_image(photos: torch.Te
 
 
 def test_scar_masks_are_thin(photos: torch.Tensor) -> None:
-    out = get("scar")(photos, generator=gen(0))
+    paper = get("cutpaste", mode="scar")(photos, generator=gen(0))
     # 2-16 x 10-25 px at 256 px, scaled to 96 px: at most ~6 x 9.4 px
-    assert (out.masks.sum((1, 2, 3)) <= 6.1 * 9.5 + 4).all()
+    assert (paper.masks.sum((1, 2, 3)) <= 6.1 * 9.5 + 4).all()
+    scar = get("scar")(photos, generator=gen(0))
+    # 4-16 x 32-96 px at 256 px, scaled to 96 px: 1.5-6 x 12-36 px
+    areas = scar.masks.sum((1, 2, 3))
+    assert (areas <= 6.1 * 36.1 + 8).all() and (areas >= 1.5 * 12 - 4).all()
 
 
 def test_synthesizer_is_a_plain_module_that_moves_with_to() -> None:

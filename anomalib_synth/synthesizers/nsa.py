@@ -4,7 +4,8 @@ and Localization", ECCV 2022, Sec. 3), batched.
 A rectangular patch of *another* image of the batch is resized by ``scale`` (paper: 0.7-1.3), moved to a different
 location and Poisson-blended (gradient domain, :mod:`.poisson`) into the image, so that its texture appears without
 a visible seam. The mask marks where the blend changed the image by more than ``change_threshold`` (max over
-channels); below it the original pixel is kept, so the image changes exactly where the mask says.
+channels), with the holes inside it filled (a solid defect; the blend is kept there too); elsewhere the original
+pixel is kept, so the image changes exactly where the mask says.
 
 Departures from the paper and its code (hmsch/natural-synthetic-anomalies), and why:
     - Poisson blending is our batched membrane solver instead of one ``cv2.seamlessClone`` call per image; it
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Params, SynthesisResult, Synthesizer
-from .ops import rand, randint, rigid_grid, sample_derangement, uniform
+from .ops import fill_holes, rand, randint, rigid_grid, sample_derangement, uniform
 from .placement import check_foreground_mode, resolve_foreground, sample_centres
 from .poisson import seamless_clone
 from .registry import register
@@ -166,7 +167,10 @@ class NSASynthesizer(Synthesizer):
                 faint = changed.sum((1, 2, 3), keepdim=True) < self.min_visible * area
                 blended = torch.where(faint, torch.where(region, src, dst), blended)
                 changed = region & ((blended - dst).abs().amax(1, keepdim=True) > self.change_threshold)
+            changed = fill_holes(changed) & region  # a solid defect: look-alike pixels inside it belong to it
             result = torch.where(changed, blended, dst)
             out.view(b, c, h * w).scatter_(2, window.expand(-1, c, -1), result.view(b, c, -1))
-            mask.view(b, 1, h * w).scatter_(2, window, changed.view(b, 1, -1) | mask.view(b, 1, h * w).gather(2, window))
+            mask.view(b, 1, h * w).scatter_(
+                2, window, changed.view(b, 1, -1) | mask.view(b, 1, h * w).gather(2, window)
+            )
         return self._result(images, out, mask, params, self._param_keys)

@@ -165,6 +165,23 @@ def binary_open_close(mask: Tensor, radius: int) -> Tensor:
 # (``nonzero`` once per call) instead of producing full-size candidate images.
 
 
+def fill_holes(mask: Tensor, check_every: int = 8) -> Tensor:
+    """``mask`` (bool ``[B, 1, H, W]``) with every hole filled: the pixels not reachable from the border through
+    4-connected pixels outside the mask (as ``scipy.ndimage.binary_fill_holes``). A batched flood fill, checked for
+    convergence every ``check_every`` steps, so its cost grows with the path to the deepest hole, not the batch."""
+    free = ~mask
+    reach = torch.zeros_like(mask)
+    reach[..., 0, :], reach[..., -1, :], reach[..., :, 0], reach[..., :, -1] = True, True, True, True
+    reach &= free
+    for step in range(mask.shape[-2] * mask.shape[-1]):
+        r = reach.float()
+        grown = (F.max_pool2d(r, (1, 3), 1, (0, 1)) + F.max_pool2d(r, (3, 1), 1, (1, 0))).bool() & free
+        if step % check_every == 0 and torch.equal(grown, reach):
+            break
+        reach = grown
+    return ~reach
+
+
 def mask_pixels(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Indices ``(b, y, x)`` of the set pixels of a bool ``[B, 1, H, W]`` mask."""
     b, _, y, x = mask.nonzero(as_tuple=True)
@@ -223,9 +240,7 @@ def rotation_grid(size: tuple[int, int], angle: Tensor) -> Tensor:
     h, w = size
     cos, sin = torch.cos(angle), torch.sin(angle)
     zero = torch.zeros_like(angle)
-    theta = torch.stack(
-        (torch.stack((cos, -sin * h / w, zero), -1), torch.stack((sin * w / h, cos, zero), -1)), dim=1
-    )
+    theta = torch.stack((torch.stack((cos, -sin * h / w, zero), -1), torch.stack((sin * w / h, cos, zero), -1)), dim=1)
     return F.affine_grid(theta, [angle.shape[0], 1, h, w], align_corners=False)
 
 

@@ -39,11 +39,11 @@ from .ops import (
     choose_k_of_n,
     color_matrix,
     mask_pixels,
-    to_grayscale,
     rand,
     randint,
     rotation_grid,
     sample_at,
+    to_grayscale,
     uniform,
 )
 from .placement import check_foreground_mode, resolve_foreground
@@ -188,7 +188,7 @@ class PerlinSynthesizer(Synthesizer):
     """
 
     description = "DRAEM-style Perlin-noise mask filled with a texture (e.g. DTD) or the image itself"
-    _param_keys = ("beta", "res_y", "res_x", "angle", "area", "texture")
+    _param_keys = ("beta", "res_y", "res_x", "angle", "texture")
 
     def __init__(
         self,
@@ -255,7 +255,7 @@ class PerlinSynthesizer(Synthesizer):
             "res_x": torch.exp2(randint(lo, hi, (b,), generator, device).float()).long(),
             "lattice": uniform(0, 2 * math.pi, (b, n_lattice, n_lattice), generator, device),
             "angle": uniform(*self.rotation, (b,), generator, device),
-            "area": uniform(*(self.area_range or (0.0, 0.0)), (b,), generator, device),
+            "target_area": uniform(*(self.area_range or (0.0, 0.0)), (b,), generator, device),
             "texture": randint(0, max(len(self.textures) - 1, 0), (b,), generator, device),
             "shift": rand((b, 2), generator, device),
             "source_angle": uniform(-180, 180, (b,), generator, device),
@@ -276,7 +276,8 @@ class PerlinSynthesizer(Synthesizer):
         out = x.clone()
         out[b, :, y, xx] = torch.lerp(x[b, :, y, xx], source, beta)
         labels = torch.bincount(b, minlength=x.shape[0]) > 0  # from the pixel list: no pass over the mask
-        return self._result(images, out, mask, params, self._param_keys, labels)
+        keys = self._param_keys + (("target_area",) if self.area_range is not None else ())
+        return self._result(images, out, mask, params, keys, labels)
 
     def sample_masks(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Tensor:
         """Only the masks (bool ``[B, 1, H, W]``) this synthesizer would draw: the mask generator of other methods."""
@@ -306,7 +307,7 @@ class PerlinSynthesizer(Synthesizer):
         n_pixels = candidates.shape[1]
         if self.area_range is not None:
             n_fg = n_pixels if fg is None else (candidates > float("-inf")).sum(1)
-            k = (params["area"] * n_fg).round().long().clamp(1, n_pixels)
+            k = (params["target_area"] * n_fg).round().long().clamp(1, n_pixels)
             threshold = candidates.sort(dim=1, descending=True).values.gather(1, (k - 1).view(-1, 1))
         else:
             k_min = max(1, round(self.min_area * n_pixels))

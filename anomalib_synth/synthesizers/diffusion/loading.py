@@ -103,7 +103,7 @@ def load_pretrained(
     if looks_local and not path.exists():
         msg = (
             f"{what}: the folder {model!r} does not exist. Pass a Hub id (e.g. {SD15!r}) or a folder written by "
-            "`save_pretrained` / `huggingface-cli download <id> --local-dir <folder>`."
+            "`save_pretrained` / `hf download <id> --local-dir <folder>`."
         )
         raise ModelNotFoundError(msg)
     if dtype is not None:
@@ -115,7 +115,7 @@ def load_pretrained(
         if not path.exists() and not local_files_only:
             where += " and the Hugging Face Hub"
         fix = (
-            f"on a machine with internet run `huggingface-cli download {model} --local-dir DIR`, copy DIR here and "
+            f"on a machine with internet run `hf download {model} --local-dir DIR`, copy DIR here and "
             "pass its path instead of the id"
         )
         if not local_files_only:
