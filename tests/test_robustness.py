@@ -415,3 +415,15 @@ def test_scar_defaults_are_large_enough_to_see_and_cutpaste_scar_keeps_the_paper
     paper = get("cutpaste", mode="scar")(images, generator=torch.Generator().manual_seed(0)).masks.mean((1, 2, 3))
     assert float(scar.min()) >= 0.002 and float(scar.mean()) >= 0.005
     assert float(paper.max()) <= 0.0065
+
+
+@pytest.mark.slow
+def test_cache_build_survives_sigkill_and_resumes_identically() -> None:
+    """One round of ``benchmarks/cache_kill_test.py`` (the README reports the 20-kill figure)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cache_kill_test.py"
+    spec = importlib.util.spec_from_file_location("cache_kill_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--kills", "1", "--images", "4", "--variants", "4", "--seed", "3"]) == 0
