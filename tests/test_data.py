@@ -125,7 +125,7 @@ def test_online_synthesis_only_while_training(tiny_root, tmp_path) -> None:
     dm = _wrap(tiny_root, tmp_path, synthesizer="scar", anomaly_ratio=1.0, synthetic_val=False)
     dm.setup()
     batch = _batch(dm)
-    dm.trainer = types.SimpleNamespace(training=False, current_epoch=0, global_rank=0)
+    dm.trainer = _fake_trainer(training=False)
     assert dm.on_after_batch_transfer(batch, 0) is batch
     dm.trainer.training = True
     assert dm.on_after_batch_transfer(batch, 0).gt_label.all()
@@ -382,19 +382,127 @@ def test_synthetic_test_on_a_classification_datamodule(tiny_root, tmp_path) -> N
     assert sum(labels) > int(inner.test_data.samples.label_index.sum()), "synthetic anomalies were added"
 
 
-def test_online_counter_restarts_for_a_new_trainer(tiny_root, tmp_path) -> None:
+def _fake_trainer(training: bool = True, epoch: int = 0, rank: int = 0, ready: int = 0) -> types.SimpleNamespace:
+    """What the hook reads of a Lightning trainer: the fit loop's count of batches made ready in this epoch."""
+    progress = types.SimpleNamespace(current=types.SimpleNamespace(ready=ready))
+    loop = types.SimpleNamespace(epoch_loop=types.SimpleNamespace(batch_progress=progress))
+    return types.SimpleNamespace(training=training, current_epoch=epoch, global_rank=rank, fit_loop=loop)
+
+
+def test_online_anomalies_follow_the_loops_batch_index_not_a_call_count(tiny_root, tmp_path) -> None:
     dm = _wrap(tiny_root, tmp_path, synthesizer="cutpaste", anomaly_ratio=1.0, synthetic_val=False)
     dm.setup()
     batch = _batch(dm)
-    first = types.SimpleNamespace(training=True, current_epoch=0, global_rank=0)
-    dm.trainer = first
+    dm.trainer = _fake_trainer(ready=3)
     a = dm.on_after_batch_transfer(batch, 0)
-    dm.on_after_batch_transfer(batch, 0)
-    dm.trainer = types.SimpleNamespace(training=True, current_epoch=0, global_rank=0)
-    assert torch.equal(dm.on_after_batch_transfer(batch, 0).image, a.image), "a new fit replays epoch 0, batch 0"
-    dm.trainer = types.SimpleNamespace(training=True, current_epoch=0, global_rank=1)
-    other_rank = dm.synthesize_train_batch(batch, epoch=5, rank=1)
-    assert not torch.equal(other_rank.gt_mask, dm.synthesize_train_batch(batch, epoch=5, rank=0).gt_mask)
+    assert torch.equal(dm.on_after_batch_transfer(batch, 0).image, a.image), "the same batch index: the same sample"
+    dm.trainer = _fake_trainer(ready=4)
+    assert not torch.equal(dm.on_after_batch_transfer(batch, 0).gt_mask, a.gt_mask)
+    dm.trainer = _fake_trainer(ready=3, rank=1)
+    assert not torch.equal(dm.on_after_batch_transfer(batch, 0).gt_mask, a.gt_mask), "each rank draws its own"
+    assert torch.equal(dm.synthesize_train_batch(batch, epoch=0, batch_index=3).image, a.image)
+
+
+class _TinyModel:
+    """A LightningModule with one parameter; the loss reads the batch so that every batch goes through the hook."""
+
+    @staticmethod
+    def make():
+        import lightning.pytorch as pl
+
+        class Tiny(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.weight = torch.nn.Parameter(torch.zeros(()))
+
+            def training_step(self, batch, batch_idx):
+                return (self.weight - batch.image.mean()) ** 2
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return Tiny()
+
+
+def _record_masks():
+    from lightning.pytorch import Callback
+
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen[(trainer.current_epoch, batch_idx)] = batch.gt_mask.clone()
+
+    return seen, Record()
+
+
+def test_resumed_fit_draws_the_same_online_anomalies_as_an_uninterrupted_one(tiny_root, tmp_path) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path: str | None = None) -> dict:
+        seen, record = _record_masks()
+        dm = _wrap(tiny_root, tmp_path, inner_kwargs={"train_batch_size": 2}, synthesizer="cutpaste",
+                   anomaly_ratio=0.5, synthetic_val=False, seed=4)  # fmt: skip
+        callbacks = [record]
+        if ckpt_path is None:  # a checkpoint in the middle of epoch 1 (3 batches per epoch)
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1))
+        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0)  # fmt: skip
+        trainer.fit(_TinyModel.make(), datamodule=dm, ckpt_path=ckpt_path)
+        return seen
+
+    uninterrupted = run()
+    (checkpoint,) = (tmp_path / "ckpt").glob("*step=4*.ckpt")
+    resumed = run(ckpt_path=str(checkpoint))
+    assert set(resumed) == {(1, 1), (1, 2)} and len(uninterrupted) == 6
+    for key, masks in resumed.items():
+        assert torch.equal(masks, uninterrupted[key]), key
+    assert any(m.any() for m in resumed.values())
+    assert not torch.equal(uninterrupted[(0, 1)], uninterrupted[(1, 1)]), "a new epoch gets new anomalies"
+
+
+def test_use_synthesizer_checkpoints_its_generator(tiny_root, tmp_path) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch import Callback
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from anomalib_synth.data import UseSynthesizer
+
+    class WithAugmenter(pl.LightningModule):
+        """Like DRAEM: calls its own ``augmenter`` on the training images."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+            self.augmenter = torch.nn.Identity()
+            self.masks: dict[tuple[int, int], torch.Tensor] = {}
+
+        def training_step(self, batch, batch_idx):
+            _, masks = self.augmenter(batch.image)
+            self.masks[(self.current_epoch, batch_idx)] = masks.clone()
+            return (self.weight - batch.image.mean()) ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def run(ckpt_path: str | None = None) -> dict:
+        model = WithAugmenter()
+        callbacks: list[Callback] = [UseSynthesizer("cutpaste", probability=0.5, seed=1)]
+        if ckpt_path is None:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1))
+        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
+                             limit_val_batches=0)  # fmt: skip
+        trainer.fit(model, datamodule=folder_datamodule(tiny_root, train_batch_size=2), ckpt_path=ckpt_path)
+        return model.masks
+
+    uninterrupted = run()
+    (checkpoint,) = (tmp_path / "ckpt").glob("*step=4*.ckpt")
+    resumed = run(ckpt_path=str(checkpoint))
+    assert set(resumed) == {(1, 1), (1, 2)}
+    for key, masks in resumed.items():
+        assert torch.equal(masks, uninterrupted[key]), key
 
 
 def test_swap_finds_dsr_and_glass_generators() -> None:

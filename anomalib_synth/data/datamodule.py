@@ -264,7 +264,7 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
             seed=_mix_seed(self.seed or 0, {"train": 2, "val": 3, "test": 4}[split]),
             size=size,
             batch_size=self.synthesis_batch_size,
-            device="cuda" if torch.cuda.is_available() else "cpu",
+            device=self._device(),
         )
         dataset = copy.deepcopy(source)
         dataset.samples = records_to_samples(root, records, split)
@@ -325,16 +325,21 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         trainer = self.trainer
         if self.mode != "online" or trainer is None or not trainer.training:
             return batch
-        if getattr(self, "_trainer_id", None) != id(trainer):  # a new fit starts counting batches afresh
-            self._trainer_id, self._epoch = id(trainer), -1
-        return self.synthesize_train_batch(batch, trainer.current_epoch, trainer.global_rank)
+        # The fit loop counts this batch as ready only after the transfer: its count is this batch's index. The
+        # loop's progress is checkpointed, so a resumed run draws the same anomalies as an uninterrupted one.
+        index = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return self.synthesize_train_batch(batch, trainer.current_epoch, trainer.global_rank, batch_index=index)
 
-    def synthesize_train_batch(self, batch: Any, epoch: int, rank: int = 0) -> Any:
-        """Online synthesis of one training batch (``ImageBatch``); the batch index is counted per epoch."""
-        if epoch != self._epoch:
-            self._epoch, self._batch = epoch, 0
-        generator = torch.Generator().manual_seed(_mix_seed(self.seed or 0, epoch, self._batch, rank))
-        self._batch += 1
+    def synthesize_train_batch(self, batch: Any, epoch: int, rank: int = 0, batch_index: int | None = None) -> Any:
+        """Online synthesis of one training batch (``ImageBatch``), seeded by ``seed``, epoch, batch index and rank.
+
+        Without ``batch_index`` the calls of each epoch are counted (for use outside a Lightning loop).
+        """
+        if batch_index is None:
+            if epoch != self._epoch:
+                self._epoch, self._batch = epoch, 0
+            batch_index, self._batch = self._batch, self._batch + 1
+        generator = torch.Generator().manual_seed(_mix_seed(self.seed or 0, epoch, batch_index, rank))
         images = batch.image.as_subclass(torch.Tensor)
         b, _, h, w = images.shape
         masks = None if batch.gt_mask is None else batch.gt_mask.as_subclass(torch.Tensor).reshape(b, 1, h, w).bool()
@@ -342,9 +347,3 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         self.synthesizer.to(images.device)
         images, masks, labels = synthesize_batch(self.synthesizer, images, masks, labels, self.anomaly_ratio, generator)
         return batch.update(in_place=False, image=images, gt_mask=masks[:, 0], gt_label=labels)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "batch": self._batch}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._epoch, self._batch = state_dict.get("epoch", -1), state_dict.get("batch", 0)

@@ -92,6 +92,7 @@ class UseSynthesizer(Callback):
         self.probability = probability
         self.seed = seed
         self.replaced: str | None = None
+        self.augmenter: SynthesizerAugmenter | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         del stage
@@ -102,9 +103,23 @@ class UseSynthesizer(Callback):
             # each DDP rank draws its own anomalies
             seed = None if self.seed is None else self.seed * 1_000_003 + trainer.global_rank
             self.replaced = swap_augmenter(pl_module, self.synthesizer, self.probability, seed)
+            current = pl_module
+            for part in self.replaced.split("."):
+                current = getattr(current, part)
+        self.augmenter = current
 
     def state_dict(self) -> dict[str, Any]:
-        return {"replaced": self.replaced}
+        """The replaced attribute and the augmenter's generator state, so that a resumed fit draws the anomalies
+        an uninterrupted one would."""
+        state: dict[str, Any] = {"replaced": self.replaced}
+        if self.augmenter is not None:
+            state["generator"] = self.augmenter.generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callback states after ``setup``, so the augmenter is in place
+        if self.augmenter is not None and "generator" in state_dict:
+            self.augmenter.generator.set_state(state_dict["generator"])
 
 
 __all__ = ["AUGMENTER_ATTRIBUTES", "SynthesizerAugmenter", "UseSynthesizer", "swap_augmenter"]
