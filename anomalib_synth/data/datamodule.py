@@ -270,6 +270,14 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         dataset.samples = records_to_samples(root, records, split)
         return dataset
 
+    def _device(self) -> torch.device:
+        """The trainer's device (its accelerator's), else the CPU: never a GPU the user did not ask for."""
+        strategy = getattr(self.trainer, "strategy", None)
+        try:
+            return strategy.root_device if strategy is not None else torch.device("cpu")
+        except (AttributeError, RuntimeError):
+            return torch.device("cpu")
+
     def _with_synthetic(
         self, normal: AnomalibDataset, split: str, size: tuple[int, int], augmentations
     ) -> AnomalibDataset:
