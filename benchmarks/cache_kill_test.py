@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--images", type=int, default=12)
     parser.add_argument("--variants", type=int, default=4)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--synthesizer", default="nsa")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill points")
     parser.add_argument("--time-limit", type=float, default=1200, help="seconds; stop starting new rounds after it")
