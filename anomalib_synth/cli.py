@@ -304,6 +304,11 @@ def _trainer_options(args: argparse.Namespace) -> dict:
     return {**{k: getattr(args, k) for k in TRAINER_OPTIONS}, "progress": not args.quiet}
 
 
+def _exclusions(args: argparse.Namespace) -> dict:
+    return {"exclude_categories": args.exclude_categories.split(",") if args.exclude_categories else None,
+            "exclude_images": args.exclude_images, "exclude_split": args.exclude_split}  # fmt: skip
+
+
 def _cmd_train_xfusion(args: argparse.Namespace) -> int:
     from .training.xfusion import train_xfusion
 
@@ -312,7 +317,7 @@ def _cmd_train_xfusion(args: argparse.Namespace) -> int:
         categories=args.categories.split(",") if args.categories else None,
         base_model=args.base_model, clip_model=args.clip_model, max_steps=args.max_steps,
         batch_size=args.batch_size, image_size=args.image_size, lr=args.lr, num_tokens=args.num_tokens,
-        lora_rank=args.lora_rank, **_trainer_options(args),
+        lora_rank=args.lora_rank, **_exclusions(args), **_trainer_options(args),
     )  # fmt: skip
     print(f"adapter written to {adapter}")
     return 0
@@ -326,7 +331,7 @@ def _cmd_train_control(args: argparse.Namespace) -> int:
         categories=args.categories.split(",") if args.categories else None, pairing=args.pairing,
         base_model=args.base_model, vlm=args.vlm, max_steps=args.max_steps, batch_size=args.batch_size,
         image_size=args.image_size, lr=args.lr, num_tokens=args.num_tokens, image_embed_dim=args.image_embed_dim,
-        asea_steps=args.asea_steps, **_trainer_options(args),
+        asea_steps=args.asea_steps, init_adapter=args.init_adapter, **_exclusions(args), **_trainer_options(args),
     )  # fmt: skip
     print(f"adapter written to {adapter}")
     return 0
@@ -342,6 +347,12 @@ def _add_training_arguments(p: argparse.ArgumentParser, output: str) -> None:
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--num-tokens", type=int, default=4, help="adapter tokens")
+    p.add_argument("--exclude-categories", default=None, metavar="A,B",
+                   help="leave these categories out (e.g. the ones you will evaluate on)")  # fmt: skip
+    p.add_argument("--exclude-images", nargs="+", default=None, metavar="PATH",
+                   help="leave these images out (paths, or suffixes such as bottle/test/crack/000.png)")  # fmt: skip
+    p.add_argument("--exclude-split", default=None, metavar="FILE",
+                   help="leave out the images listed in FILE (one path per line, or a JSON list), e.g. a test split")  # fmt: skip
     p.add_argument("--precision", default=None, help="Lightning precision (default 16-mixed on CUDA, else 32-true)")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto")
@@ -369,7 +380,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     _add_training_arguments(p, "control_run")
     p.add_argument("--base-model", default=SD15_INPAINTING)
     p.add_argument("--vlm", default=BLIP2_ITM, help="BLIP-2 image-text model for the CSM")
-    p.add_argument("--pairing", choices=PAIRINGS, default="random", help="how references are paired with targets")
+    p.add_argument("--pairing", choices=PAIRINGS, default="self",
+                   help="reference of each target (default: the target itself, as the official training)")  # fmt: skip
+    p.add_argument("--init-adapter", default=None, metavar="FILE|OWNER/REPO/PATH",
+                   help="IP-Adapter SD 1.5 checkpoint to start the SGA from, as the official training, e.g. "
+                   "h94/IP-Adapter/models/ip-adapter_sd15.safetensors (default: text K/V, random projections)")  # fmt: skip
     p.add_argument("--image-embed-dim", type=int, default=1024)
     p.add_argument("--asea-steps", type=int, default=5)
     p.set_defaults(func=_cmd_train_control, command="train control")

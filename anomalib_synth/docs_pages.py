@@ -30,10 +30,12 @@ COST = {
     "`I` inner iterations, `g` guided steps), plus a VAE decode and a CLIP pass per refinement iteration. "
     "Reported in `params`. Defaults: 500 forwards and 400 backwards. The official code reports 1-2 min per "
     "image and about 30 GB on an A100 at 512 px.",
-    "xfusion": "`num_inference_steps x strength` UNet evaluations per image (twice that with guidance), plus one "
-    "CLIP image pass. Training updates only the adapter (MIF + DDF [+ LoRA]).",
-    "anomalycontrol": "`2 x num_inference_steps x strength` UNet evaluations per image, plus one BLIP-2 pass and "
-    "`asea_steps` forward/backward passes per reference (cached per synthesizer).",
+    "xfusion": "`2 x num_inference_steps x strength` UNet evaluations per image (classifier-free guidance, on by "
+    "default; half that with `guidance_scale=1`), plus one CLIP image pass per reference (cached per synthesizer). "
+    "Training updates only the adapter (MIF + DDF [+ LoRA]).",
+    "anomalycontrol": "`2 x num_inference_steps x strength` UNet evaluations per image, plus, per reference (cached "
+    "per synthesizer; in training, per image), one BLIP-2 vision pass and `asea_steps` Q-Former forward/backward "
+    "passes (ASEA never backpropagates through the ViT-g).",
 }
 
 

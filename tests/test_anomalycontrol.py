@@ -21,6 +21,7 @@ from anomalib_synth.synthesizers.diffusion.anomalycontrol import (
     CrossModalSemanticModeling,
     SemanticGuidedAdapter,
     load_references,
+    read_ip_adapter,
 )
 from anomalib_synth.synthesizers.diffusion.loading import ModelNotFoundError
 from anomalib_synth.training.control import ReferencePairs
@@ -38,17 +39,56 @@ def test_csm_features_and_asea_focuses_attention(csm) -> None:
     masks = torch.zeros(2, 1, 32, 32)
     masks[0, :, :16, :16] = 1
     masks[1, :, 16:, 8:24] = 1
-    pixels = csm.pixels(images)
+    vision = csm.vision(csm.pixels(images))
     ids, attention_mask = csm.tokens(["a stain on the cup", "a hole in the brick"])
     assert (csm.asea.steps, csm.asea.lr) == (5, 0.1), "the official defaults"
-    _, fractions = csm.asea.optimise(csm, pixels, ids, attention_mask, masks)
-    assert len(fractions) == 6 and torch.allclose(fractions[0], torch.tensor(0.25)), "uniform before: 4 of 16 cells"
+    _, fractions = csm.asea.optimise(csm, vision, ids, attention_mask, masks)
+    assert len(fractions) == 5 and torch.allclose(fractions[0], torch.tensor(0.25)), "uniform before: 4 of 16 cells"
     assert all((b >= a - 1e-6).all() for a, b in itertools.pairwise(fractions)), fractions
-    assert (fractions[-1] > fractions[0] + 0.005).all(), fractions
-    _, attention = csm.encode(pixels, ids, attention_mask)
+    assert (fractions[-1] > fractions[0] + 0.002).all(), fractions
+    _, attention = csm.encode(vision, ids, attention_mask)
     assert attention.shape == (2, 4, 4) and (attention >= 0).all()
     guided = csm(images, ["a stain on the cup", "a hole in the brick"], masks)
     assert not torch.allclose(guided, features), "ASEA's e_g changes the reference features"
+
+
+def test_asea_acts_on_the_detached_vision_output_and_no_gradient_reaches_the_vision_tower(tiny) -> None:
+    """Official placement: e_g is added to ln_vision(visual_encoder(image)), detached; the tower runs once."""
+    csm = CrossModalSemanticModeling(tiny["blip2"], asea_steps=3)
+    vision = csm.vlm.vision_model
+    vision.requires_grad_(True)  # even if the tower could learn, ASEA must not backpropagate into it
+    runs, contexts = [], []
+    vision.encoder.register_forward_hook(lambda *_: runs.append(1))
+    csm.vlm.qformer.register_forward_pre_hook(lambda _m, _a, kw: contexts.append(kw["encoder_hidden_states"].detach()),
+                                              with_kwargs=True)  # fmt: skip
+    images = torch.stack([resize(builtin_photo(n), (32, 32)) for n in ("coffee", "brick")])
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[:, :, :16, :16] = 1
+    csm(images, ["a stain on the cup", "a hole in the brick"], masks)
+    assert len(runs) == 1, "the vision tower runs once per reference, not once per ASEA step"
+    assert all(p.grad is None for p in vision.parameters()), "a gradient reached the vision tower"
+    with torch.no_grad():
+        output = vision(pixel_values=csm.pixels(images)).last_hidden_state  # post_layernorm = LAVIS's ln_vision
+    assert len(contexts) == 3 and torch.allclose(contexts[0], output), "step 1: the tower's output (e_g = 0)"
+    assert not torch.allclose(contexts[-1], output), "later steps: the output + e_g"
+
+
+def test_transformers_floor_is_one_the_csm_runs_on() -> None:
+    """The Q-Former's cross-attention is read with output_attentions=True, which works from 4.45 (the first release
+    with Blip2ForImageTextRetrieval; checked on 4.45.2, 4.53.3, 4.56.2 and 5.x), not through a hook on the
+    attention module (a (K, V) tuple in 4.45-4.53, nothing in 4.56)."""
+    import re
+
+    import tomllib
+    from packaging.version import Version
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    floor = next(re.match(r"transformers>=([\d.]+)", d) for d in pyproject["project"]["dependencies"]
+                 if d.startswith("transformers"))  # fmt: skip
+    assert floor and Version(floor.group(1)) >= Version("4.45")
+    csm_source = Path(CrossModalSemanticModeling.__module__.replace(".", "/") + ".py")
+    text = (Path(__file__).parents[1] / csm_source).read_text()
+    assert "output_attentions=True" in text and "register_forward_hook" not in text
 
 
 def test_sga_only_on_cross_attention_and_scale_zero_is_the_plain_unet(tiny) -> None:
@@ -148,9 +188,147 @@ def test_synthesizer_keeps_the_input_outside_the_blurred_mask(adapter, object_on
     assert [(r["text"], Path(r["mask"]).name) for r in folder] == [("brick", "brick_mask.png")], "masks pair up"
 
 
+def _ip_scales(unet) -> list:
+    """Record the SGA scale of every UNet forward."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    scales: list = []
+    unet.register_forward_pre_hook(
+        lambda *_: scales.append(
+            {s for p in unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0) for s in p.scale}
+        )
+    )
+    return scales
+
+
+def test_sga_trains_and_samples_at_the_same_scale(tiny, adapter, tmp_path) -> None:
+    """The official SGA trains at scale 1 (its 0.5 is a LoRA scale its processors ignore) and samples at 1."""
+    model = AnomalyControlModel(tiny["sd-inpainting"], tiny["blip2"], image_embed_dim=48, asea_steps=0)
+    trained = _ip_scales(model.unet)
+    images, masks, captions = training_batch()
+    model.training_loss(images, masks, captions, torch.zeros(2, 32))
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.fromarray(to_uint8(resize(builtin_photo("grass"), (32, 32)))).save(refs / "stain.png")
+    synth = get("anomalycontrol", adapter=adapter, references=refs, num_inference_steps=2, asea_steps=0)
+    sampled = _ip_scales(synth.core.unet)
+    synth(images, generator=gen(0))
+    assert trained and sampled and all(s == trained[0] for s in trained + sampled), (trained, sampled)
+    assert trained[0] == {1.0} and json.loads((adapter / "sga_config.json").read_text())["scale"] == 1.0
+
+
+def test_negative_branch_is_the_official_one(adapter, tmp_path) -> None:
+    """Guidance's negative branch: the official negative prompt, and the SGA tokens of a zero CSM feature (the
+    image condition dropped in training)."""
+    from anomalib_synth.synthesizers.diffusion.anomalycontrol import NEGATIVE_PROMPT
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.fromarray(to_uint8(resize(builtin_photo("grass"), (32, 32)))).save(refs / "stain.png")
+    synth = get("anomalycontrol", adapter=adapter, references=refs, num_inference_steps=2, asea_steps=0)
+    calls = []
+    pipeline = synth.core.pipeline
+
+    class Spy:
+        def __call__(self, **kwargs):
+            calls.append(kwargs)
+            return pipeline(**kwargs)
+
+    synth.core.pipeline = Spy()
+    synth(torch.rand(2, 3, 32, 32), generator=gen(0))
+    assert NEGATIVE_PROMPT == "monochrome, lowres, bad anatomy, worst quality, low quality"
+    assert calls[0]["negative_prompt"] == [NEGATIVE_PROMPT] * 2 and synth.config()["negative_prompt"] == NEGATIVE_PROMPT
+    negative = calls[0]["ip_adapter_image_embeds"][0][:2]
+    with torch.no_grad():
+        assert torch.allclose(negative, synth.core.sga(torch.zeros(2, 32)))
+
+
+def test_training_caches_reference_features(tiny, tmp_path, monkeypatch) -> None:
+    """The CSM (+ ASEA) feature of a reference is computed once per image, not at every step (official: a cache)."""
+    from anomalib_synth.training.control import ControlTraining
+
+    fake = fake_captioned_mvtec(tmp_path)
+    pairs = ReferencePairs(match_captions(fake["root"], fake["captions"]), (32, 32), "same_defect")
+    module = ControlTraining(tiny["sd-inpainting"], tiny["blip2"], image_embed_dim=48, asea_steps=1)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    encoded = []
+    module.model.csm.register_forward_hook(lambda _m, args, _o: encoded.append(len(args[0])))  # references encoded
+    for _ in range(2):  # two epochs
+        for indices in ([0, 1], [1, 2]):
+            module.training_step(ReferencePairs.collate([pairs[i] for i in indices]), 0)
+    assert sum(encoded) == 3, encoded  # references 1, 0 and 2 (juice/001 is its own reference)
+    before = dict(module.feature_cache)
+    batch = ReferencePairs.collate([pairs[2]])
+    with torch.no_grad():
+        fresh = module.model.reference_features(batch["ref_image"], batch["ref_caption"], batch["ref_mask"])
+    assert torch.equal(before[str(pairs.items.records[2].image)], fresh[0]), "the cached feature is the feature"
+
+
+def test_init_adapter_from_an_ip_adapter_checkpoint(tiny, tmp_path) -> None:
+    """--init-adapter: start the SGA from IP-Adapter weights (.bin as released, or .safetensors), as officially."""
+    from safetensors.torch import save_file
+
+    from anomalib_synth.cli import main
+
+    plain = AnomalyControlModel(tiny["sd-inpainting"], tiny["blip2"], image_embed_dim=48, asea_steps=0)
+    names = list(plain.unet.attn_processors)
+    cross = [i for i, n in enumerate(names) if n.endswith("attn2.processor")]
+    assert cross == list(range(1, 2 * len(cross), 2)), "IP-Adapter numbering: attn1/attn2 alternate (1, 3, ... 31)"
+    g = gen(5)
+    own = plain.sga.image_proj.state_dict()
+    image_proj = {k.replace("image_embeds.", "proj."): torch.randn(v.shape, generator=g) for k, v in own.items()}
+    layers = {}
+    for i in cross:
+        module = plain.unet.get_submodule(names[i].removesuffix(".processor"))
+        for which in ("to_k_ip", "to_v_ip"):
+            layers[f"{i}.{which}.weight"] = torch.randn(module.to_k.weight.shape, generator=g)
+    torch.save({"image_proj": image_proj, "ip_adapter": layers}, tmp_path / "ip-adapter.bin")
+    flat = {f"image_proj.{k}": v for k, v in image_proj.items()} | {f"ip_adapter.{k}": v for k, v in layers.items()}
+    save_file(flat, tmp_path / "ip-adapter.safetensors")
+    for path in (tmp_path / "ip-adapter.bin", tmp_path / "ip-adapter.safetensors"):
+        model = AnomalyControlModel(tiny["sd-inpainting"], tiny["blip2"], image_embed_dim=48, asea_steps=0,
+                                    init_adapter=path)  # fmt: skip
+        assert torch.equal(model.sga.image_proj.image_embeds.weight, image_proj["proj.weight"])
+        assert torch.equal(model.sga.image_proj.norm.bias, image_proj["norm.bias"])
+        for i in cross:
+            proc = model.unet.attn_processors[names[i]]
+            assert torch.equal(proc.to_k_ip[0].weight, layers[f"{i}.to_k_ip.weight"])
+            assert torch.equal(proc.to_v_ip[0].weight, layers[f"{i}.to_v_ip.weight"])
+    wrong = {"image_proj": image_proj, "ip_adapter": {k: v[:, :8] for k, v in layers.items()}}
+    torch.save(wrong, tmp_path / "sdxl.bin")
+    with pytest.raises(ValueError, match="do not fit"):
+        AnomalyControlModel(
+            tiny["sd-inpainting"], tiny["blip2"], image_embed_dim=48, init_adapter=tmp_path / "sdxl.bin"
+        )
+    with pytest.raises(ModelNotFoundError, match="init-adapter"):
+        AnomalyControlModel(tiny["sd-inpainting"], tiny["blip2"], image_embed_dim=48, init_adapter=tmp_path / "no.bin")
+    with pytest.raises(ModelNotFoundError, match="Hugging Face cache"):  # a Hub file, offline and not cached
+        read_ip_adapter("h94/IP-Adapter/models/no-such-file.safetensors", local_files_only=True)
+
+    fake = fake_captioned_mvtec(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["train", "control", "--data-root", str(fake["root"]), "--captions", str(fake["captions"]),
+                 "--base-model", str(tiny["sd-inpainting"]), "--vlm", str(tiny["blip2"]), "--max-steps", "1",
+                 "--batch-size", "1", "--image-size", "32", "--image-embed-dim", "48", "--asea-steps", "0",
+                 "--init-adapter", str(tmp_path / "ip-adapter.bin"), "--output", str(out), "-q"]) == 0  # fmt: skip
+    config = json.loads((out / "adapter" / "sga_config.json").read_text())
+    assert config["init_adapter"] == str(tmp_path / "ip-adapter.bin")
+
+
 def test_reference_pairing_strategies(tmp_path) -> None:
     fake = fake_captioned_mvtec(tmp_path)
     records = match_captions(fake["root"], fake["captions"])
+    itself = ReferencePairs(records, (32, 32))
+    assert itself.pairing == "self" and [itself.reference_index(i) for i in range(3)] == [0, 1, 2], "official"
+    item = itself[1]
+    assert torch.equal(item["ref_image"], item["image"]) and item["ref_caption"] == item["caption"]
+    import inspect
+
+    from anomalib_synth.cli import build_train_parser
+    from anomalib_synth.training.control import train_control
+
+    assert inspect.signature(train_control).parameters["pairing"].default == "self"
+    assert build_train_parser().parse_args(["control", "--data-root", "r", "--captions", "c"]).pairing == "self"
     same = ReferencePairs(records, (32, 32), "same_defect")
     assert [same.reference_index(i) for i in range(3)] == [1, 0, 2]  # juice has one image: itself
     anything = ReferencePairs(records, (32, 32), "random", seed=3)
@@ -169,7 +347,7 @@ def test_cli_train_control(tiny, tmp_path) -> None:
     args = ["train", "control", "--data-root", str(fake["root"]), "--captions", str(fake["captions"]),
             "--base-model", str(tiny["sd-inpainting"]), "--vlm", str(tiny["blip2"]), "--max-steps", "2",
             "--batch-size", "2", "--image-size", "32", "--image-embed-dim", "48", "--asea-steps", "1",
-            "--output", str(out), "-q"]  # fmt: skip
+            "--exclude-categories", "juice", "--output", str(out), "-q"]  # fmt: skip
     assert main(args) == 0
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert (
@@ -177,7 +355,10 @@ def test_cli_train_control(tiny, tmp_path) -> None:
         and checkpoint["state_dict"]
         and all(any(p in k for p in ("sga.", "_ip.", "encoder_hid_proj.")) for k in checkpoint["state_dict"])
     )
-    assert json.loads((out / "adapter" / "sga_config.json").read_text())["vlm"] == str(tiny["blip2"])
+    config = json.loads((out / "adapter" / "sga_config.json").read_text())
+    assert config["vlm"] == str(tiny["blip2"]) and config["scale"] == 1.0 and config["init_adapter"] is None
+    assert config["training_data"]["keys"] == ["bottle/test/crack/000.png", "bottle/test/crack/002.png"]
+    assert config["training_data"]["excluded"] == ["juice/test/logical/001.png"]
 
 
 def test_generate_cli_with_references(adapter, tmp_path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import gen
@@ -97,26 +98,120 @@ def adapter(tiny, tmp_path_factory) -> Path:
     return XFusionModel(tiny["sd"], tiny["clip"], num_tokens=2).save_adapter(tmp_path_factory.mktemp("xf") / "adapter")
 
 
-def test_xfusion_synthesizer_pastes_back_outside_the_mask(adapter, object_on_background, tmp_path) -> None:
-    images, fg = object_on_background
-    synth = get("xfusion", adapter=adapter, category="bottle", num_inference_steps=3)
+def reference_mask(size: int = 40) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    mask[10:26, 8:22] = 255
+    return mask
+
+
+def write_references(folder: Path, names: tuple[str, ...] = ("brick", "grass"), outside: float | None = None,
+                     size: int = 40) -> Path:  # fmt: skip
+    """Defect images with their masks (``<stem>_mask.png``); ``outside`` paints every pixel outside the mask."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mask = reference_mask(size)
+    for name in names:
+        image = to_uint8(resize(builtin_photo(name), (size, size)))
+        if outside is not None:
+            image[mask == 0] = int(outside * 255)
+        Image.fromarray(image).save(folder / f"{name}.png")
+        Image.fromarray(mask).save(folder / f"{name}_mask.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory) -> Path:
+    return write_references(tmp_path_factory.mktemp("xf-refs"))
+
+
+def test_xfusion_synthesizer_pastes_back_outside_the_mask(adapter, refs, object_on_background, tmp_path) -> None:
+    images, _ = object_on_background
+    synth = get("xfusion", adapter=adapter, references=refs, category="bottle", num_inference_steps=3)
     out = synth(images, generator=gen(0))
-    mask = out.masks.bool()
-    assert out.labels.all() and not (mask & ~fg).any()
-    assert torch.equal(out.images[~mask.expand_as(images)], images[~mask.expand_as(images)])
-    assert (out.images - images).abs()[mask.expand_as(images)].mean() > 1e-3
+    label = out.masks.bool()
+    assert out.labels.all()
+    assert torch.equal(out.images[~label.expand_as(images)], images[~label.expand_as(images)])
+    assert (out.images - images).abs()[label.expand_as(images)].mean() > 1e-3
     assert torch.equal(synth(images, generator=gen(0)).images, out.images)
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    for name in ("brick", "grass"):
-        Image.fromarray(to_uint8(resize(builtin_photo(name), (40, 40)))).save(refs / f"{name}.png")
-    with_refs = get("xfusion", model=adapter, reference_dir=refs, category="bottle", num_inference_steps=3)
-    referenced = with_refs(images, generator=gen(0))
+    other = get("xfusion", model=adapter, references=write_references(tmp_path / "other", ("coffee", "gravel")),
+                category="bottle", num_inference_steps=3)  # fmt: skip
+    referenced = other(images, generator=gen(0))
     assert torch.equal(referenced.masks, out.masks), "same draws: only the textural embedding differs"
     assert not torch.equal(referenced.images, out.images), "the reference defect changes the synthesis"
-    assert {p["reference"] for p in with_refs(images.repeat(4, 1, 1, 1), generator=gen(1)).params} == {0, 1}
+    assert {p["reference"] for p in other(images.repeat(4, 1, 1, 1), generator=gen(1)).params} == {0, 1}
     with pytest.raises(ValueError, match="adapter"):
         get("xfusion")
+    with pytest.raises(ValueError, match="references="):
+        get("xfusion", adapter=adapter)  # no references and no training images recorded in the adapter
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    Image.fromarray(to_uint8(resize(builtin_photo("brick"), (40, 40)))).save(bare / "brick.png")
+    with pytest.raises(ValueError, match="own mask"):
+        get("xfusion", adapter=adapter, references=bare)
+
+
+def test_texture_is_a_reference_defect_times_its_own_mask(adapter, tmp_path, monkeypatch) -> None:
+    """Eq. 3 at inference as in training: CLIP(reference * reference mask), not the normal input, not a whole image."""
+    images = resize(builtin_photo("coffee"), (32, 32))[None].repeat(2, 1, 1, 1)
+    black = write_references(tmp_path / "black", ("brick",), outside=0.0, size=32)  # at model size: no resampling
+    white = write_references(tmp_path / "white", ("brick",), outside=1.0, size=32)
+    seen = []
+    original = XFusionModel.encode_texture
+
+    def spy(self, texture_images, texture_masks):
+        seen.append((texture_images.clone(), texture_masks.clone()))
+        return original(self, texture_images, texture_masks)
+
+    monkeypatch.setattr(XFusionModel, "encode_texture", spy)
+    outputs = []
+    for folder in (black, white):
+        synth = get("xfusion", adapter=adapter, reference_dir=folder, category="bottle", num_inference_steps=2)
+        outputs.append(synth(images, generator=gen(0)))
+    reference_masks = [m for _, m in seen]
+    expected = (torch.from_numpy(reference_mask(32)) > 0).float()[None, None]
+    assert all(torch.equal(m, expected) for m in reference_masks), "the reference's own defect mask"
+    assert torch.equal(outputs[0].images, outputs[1].images), "pixels outside the reference mask play no part"
+    inside = write_references(tmp_path / "grass", ("grass",), outside=0.0, size=32)
+    changed = get("xfusion", adapter=adapter, references=inside, category="bottle", num_inference_steps=2)
+    assert not torch.equal(changed(images, generator=gen(0)).images, outputs[0].images), "the defect region does"
+
+
+def test_label_is_exactly_the_regenerated_region(adapter, refs, monkeypatch) -> None:
+    """Every pixel the label claims lies in a latent cell that sampling regenerated, and every such cell is
+    labelled: a nearest-downsampled latent mask drops thin or odd-placed mask pixels that the label still claims."""
+    from anomalib_synth.synthesizers.diffusion import xfusion
+
+    latents = {}
+    original_encode, original_decode = xfusion.encode, xfusion.decode
+    monkeypatch.setattr(xfusion, "encode", lambda vae, x, g=None: latents.setdefault("z0", original_encode(vae, x, g)))
+    monkeypatch.setattr(xfusion, "decode", lambda vae, z: latents.setdefault("z", z) is z and original_decode(vae, z))
+    synth = get("xfusion", adapter=adapter, reference_dir=refs, category="bottle", num_inference_steps=2)
+    images = torch.stack([resize(builtin_photo(n), (32, 32)) for n in ("coffee", "brick")])
+    params = synth.sample_params(images, None, gen(0))
+    masks = params["mask"].clone()
+    masks[1] = False
+    masks[1, 0, 5, 7] = masks[1, 0, 9, 20:27:2] = masks[1, 0, 17:30, 21] = True  # odd pixels and a 1-px line
+    params["mask"] = masks
+    out = synth.apply(images, params)
+    label = out.masks.bool()
+    regenerated = (latents["z"] != latents["z0"]).any(1, keepdim=True)  # [B, 1, 16, 16]: the VAE halves the side
+    regenerated_pixels = regenerated.repeat_interleave(2, -2).repeat_interleave(2, -1)
+    assert (masks <= label).all(), "the label covers the drawn mask"
+    assert not (label & ~regenerated_pixels).any(), "a labelled pixel whose latent cell was never regenerated"
+    assert torch.equal(label, regenerated_pixels), "the label is exactly the regenerated region"
+    assert torch.equal(out.images[~label.expand_as(images)], images[~label.expand_as(images)])
+
+
+def test_guidance_is_on_by_default(adapter, refs) -> None:
+    """Classifier-free guidance (trained for by caption dropout) runs by default: two UNet passes per step."""
+    synth = get("xfusion", adapter=adapter, reference_dir=refs, num_inference_steps=3)
+    assert synth.guidance_scale == 5.0 and synth.config()["guidance_scale"] == 5.0
+    calls = []
+    handle = synth.core.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        synth(torch.rand(1, 3, 32, 32), generator=gen(0))
+    finally:
+        handle.remove()
+    assert len(calls) == 2 * 3
 
 
 def test_cli_train_xfusion_writes_a_loadable_adapter(tiny, tmp_path) -> None:
@@ -138,7 +233,7 @@ def test_cli_train_xfusion_writes_a_loadable_adapter(tiny, tmp_path) -> None:
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
-def test_xfusion_generate_cli_and_cache_mode(adapter, tmp_path) -> None:
+def test_xfusion_generate_cli_and_cache_mode(adapter, refs, tmp_path) -> None:
     from tiny_data import folder_datamodule, make_folder_dataset
 
     from anomalib_synth.cli import main
@@ -146,12 +241,52 @@ def test_xfusion_generate_cli_and_cache_mode(adapter, tmp_path) -> None:
 
     out = tmp_path / "out"
     assert main(["generate", "builtin:brick", str(out), "-s", "xfusion", "--model-path", str(adapter),
-                 "-o", "num_inference_steps=2", "-n", "1", "--size", "32", "32", "-q"]) == 0  # fmt: skip
+                 "-o", f"references={refs}", "-o", "num_inference_steps=2", "-n", "1", "--size", "32", "32",
+                 "-q"]) == 0  # fmt: skip
     assert json.loads((out / "manifest.jsonl").read_text().splitlines()[0])["label"] is True
     root = make_folder_dataset(tmp_path / "data", size=32, n_train=2, n_test=1)
-    synth = get("xfusion", adapter=adapter, num_inference_steps=2)
+    synth = get("xfusion", adapter=adapter, references=refs, num_inference_steps=2)
     dm = SyntheticAnomalyDataModule(folder_datamodule(root), synthesizer=synth, mode="cache", n_shots=2,
                                     variants_per_image=1, synthetic_val=False, image_size=(32, 32),
                                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
     dm.setup()
     assert (dm.train_data.samples.label_index == 1).sum() == 2
+
+
+def test_train_xfusion_exclusions_recorded_images_and_leakage_check(tiny, tmp_path, capsys) -> None:
+    """MVTec-Caption captions test anomalies: `train xfusion` can leave images out, records what it trained on, and
+    the evaluation harness refuses a synthesizer whose adapter saw the images it tests on."""
+    from anomalib_synth.cli import main
+    from anomalib_synth.evaluation.protocols import make_synthesizer
+    from anomalib_synth.training.leakage import LeakageError, LeakageWarning, check_leakage
+
+    fake = fake_captioned_mvtec(tmp_path / "data")
+    split = tmp_path / "split.txt"
+    split.write_text("# the evaluation's test images\nbottle/test/crack/002.png\n")
+    out = tmp_path / "run"
+    args = ["train", "xfusion", "--data-root", str(fake["root"]), "--captions", str(fake["captions"]),
+            "--base-model", str(tiny["sd"]), "--clip-model", str(tiny["clip"]), "--max-steps", "1",
+            "--batch-size", "1", "--image-size", "32", "--num-tokens", "2", "-q"]  # fmt: skip
+    assert main([*args, "--output", str(out), "--exclude-images", "juice/test/logical/001.png",
+                 "--exclude-split", str(split)]) == 0  # fmt: skip
+    record = json.loads((out / "adapter" / "adapter_config.json").read_text())["training_data"]
+    assert record["keys"] == ["bottle/test/crack/000.png"]
+    assert record["excluded"] == ["bottle/test/crack/002.png", "juice/test/logical/001.png"]
+    trained = fake["root"] / "bottle" / "test" / "crack" / "000.png"
+    assert record["images"][0]["image"] == str(trained.resolve()) and record["images"][0]["masks"]
+
+    synth = get("xfusion", adapter=out / "adapter", num_inference_steps=1)  # references: the training images
+    assert synth.source_images == [str(trained.resolve())]
+    assert synth(torch.rand(1, 3, 32, 32), generator=gen(0)).labels.all()
+    elsewhere = tmp_path / "copy" / "bottle" / "test" / "crack" / "000.png"  # the same MVTec image, another root
+    with pytest.raises(LeakageError, match="1 of the images"):
+        check_leakage(synth, [elsewhere, fake["root"] / "bottle" / "test" / "good" / "000.png"])
+    with pytest.warns(LeakageWarning):
+        assert check_leakage(out / "adapter", [trained], on_overlap="warn") == ["bottle/test/crack/000.png"]
+    assert check_leakage(synth, [fake["root"] / "bottle" / "test" / "crack" / "002.png"]) == [], "excluded"
+    with pytest.raises(LeakageError):
+        make_synthesizer("xfusion", None, test_images=[trained], adapter=out / "adapter", num_inference_steps=1)
+    assert make_synthesizer("perlin", None, test_images=[trained]).name == "perlin", "nothing seen, nothing to check"
+
+    assert main([*args, "--output", str(tmp_path / "none"), "--exclude-categories", "bottle,juice"]) == 2
+    assert "nothing left to train on" in capsys.readouterr().err

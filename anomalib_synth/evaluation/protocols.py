@@ -53,16 +53,23 @@ PLACES_ON_OBJECT = ("perlin", "cutpaste", "scar", "nsa")
 """Synthesizers the harness runs with ``foreground="auto"`` (defects on the object; textures keep the whole image)."""
 
 
-def make_synthesizer(name: str, texture_dir: str | None, **kwargs: Any) -> Synthesizer:
+def make_synthesizer(name: str, texture_dir: str | None, test_images: list | None = None, **kwargs: Any) -> Synthesizer:
     """Build ``name``, giving ``texture_dir`` to every synthesizer that takes an anomaly source.
 
     Ours place defects on the estimated object (``foreground="auto"``); anomalib's baseline has no such option.
+    With ``test_images``, a synthesizer that has seen any of them (an adapter trained on them, or references among
+    them) is refused (:func:`~anomalib_synth.training.leakage.check_leakage`).
     """
     if texture_dir is not None and name in ("perlin", "anomalib-perlin"):
         kwargs.setdefault("texture_dir", texture_dir)
     if name in PLACES_ON_OBJECT:
         kwargs.setdefault("foreground", "auto")
-    return get(name, **kwargs)
+    synth = get(name, **kwargs)
+    if test_images is not None:
+        from ..training.leakage import check_leakage
+
+        check_leakage(synth, test_images, what=name)
+    return synth
 
 
 def _predict(net: torch.nn.Module, images: Tensor, batch_size: int = 16) -> Tensor:

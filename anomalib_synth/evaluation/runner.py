@@ -131,7 +131,9 @@ def execute(task: dict[str, Any], config: EvalConfig, output: Path) -> dict[str,
     if method == "control-shot-diff":
         maps = protocols.shot_difference(shots, images)
     elif protocol == "segmentation":
-        synth = None if method == "control-untrained" else protocols.make_synthesizer(method, config.texture_dir)
+        synth = None if method == "control-untrained" else protocols.make_synthesizer(
+            method, config.texture_dir, test_images=[s.image for s in test]
+        )
         maps, losses = protocols.segmentation(shots, images, synth, seed, budget)
     elif protocol == "draem":
         maps = protocols.draem(shot_paths, images, method, seed, budget, size, config.texture_dir,

@@ -1,8 +1,10 @@
 """Training AnomalyControl's Semantic Guided Adapter on (target, reference) pairs of captioned defects.
 
 Per sample (Sec. 3.5): the target anomalous image, its mask and caption, and a reference (image + caption + mask)
-drawn by a configurable pairing strategy. Only the SGA is trained (BLIP projection, image projection, new K/V);
-the CSM features of the reference (with ASEA) come from the frozen BLIP-2.
+drawn by a configurable pairing strategy: by default the target itself, as the official training (whose CSM
+feature is that of the target image, caption and mask). Only the SGA is trained (BLIP projection, image projection,
+new K/V); the CSM features of the reference (with ASEA) come from the frozen BLIP-2 and are computed once per
+reference image and cached for the run (the official code caches them to ``blip_cache/``).
 """
 
 from __future__ import annotations
@@ -22,24 +24,25 @@ from .runner import AdapterModule
 
 __all__ = ["PAIRINGS", "ControlTraining", "ReferencePairs", "train_control"]
 
-PAIRINGS = ("same_defect", "same_category", "random")
-"""Reference of each target: another image of the same defect type, of the same category, or any captioned defect
-(the paper's flexible, non-matching pairs)."""
+PAIRINGS = ("self", "same_defect", "same_category", "random")
+"""Reference of each target: the target itself (the official training), another image of the same defect type, of
+the same category, or any captioned defect (the paper's flexible, non-matching pairs)."""
 
 
 class ReferencePairs(Dataset):
-    """Targets with references: ``{"image", "mask", "caption", "ref_image", "ref_mask", "ref_caption"}`` items.
+    """Targets with references: ``{"image", "mask", "caption", "ref_image", "ref_mask", "ref_caption", "ref_key"}``
+    items (``ref_key`` names the reference image, for the feature cache).
 
     The reference of item ``i`` in epoch ``e`` is drawn from ``random.Random(seed, e, i)``: reproducible, and new
     each epoch (call :meth:`set_epoch`).
     """
 
-    def __init__(self, records: list[CaptionedDefect], size: tuple[int, int], pairing: str = "random",
+    def __init__(self, records: list[CaptionedDefect], size: tuple[int, int], pairing: str = "self",
                  seed: int = 0) -> None:  # fmt: skip
         self.items = CaptionedDefects(records, size)
         self.pairing, self.seed, self.epoch = check_choice("pairing", pairing, PAIRINGS), seed, 0
-        keys = {"same_defect": lambda r: (r.category, r.defect), "same_category": lambda r: r.category,
-                "random": lambda r: None}[pairing]  # fmt: skip
+        keys = {"self": lambda r: r.image, "same_defect": lambda r: (r.category, r.defect),
+                "same_category": lambda r: r.category, "random": lambda r: None}[pairing]  # fmt: skip
         groups: dict[Any, list[int]] = {}
         for i, record in enumerate(records):
             groups.setdefault(keys(record), []).append(i)
@@ -52,13 +55,17 @@ class ReferencePairs(Dataset):
         return len(self.items)
 
     def reference_index(self, index: int) -> int:
+        if self.pairing == "self":
+            return index
         pool = [j for j in self.candidates[index] if j != index] or [index]
         return random.Random(f"{self.seed}-{self.epoch}-{index}").choice(pool)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        target, reference = self.items[index], self.items[self.reference_index(index)]
+        j = self.reference_index(index)
+        target = self.items[index]
+        reference = target if j == index else self.items[j]
         return {**target, "ref_image": reference["image"], "ref_mask": reference["mask"],
-                "ref_caption": reference["caption"]}  # fmt: skip
+                "ref_caption": reference["caption"], "ref_key": str(self.items.records[j].image)}  # fmt: skip
 
     @staticmethod
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -71,16 +78,31 @@ class ControlTraining(AdapterModule):
 
     def __init__(self, base_model: str = SD15_INPAINTING, vlm: str = BLIP2_ITM, num_tokens: int = 4,
                  image_embed_dim: int = 1024, lr: float = 1e-4, weight_decay: float = 1e-2, asea_steps: int = 5,
-                 local_files_only: bool | None = None) -> None:  # fmt: skip
+                 init_adapter: str | None = None, local_files_only: bool | None = None) -> None:  # fmt: skip
         super().__init__()
         from ..synthesizers.diffusion.anomalycontrol import AnomalyControlModel
 
         self.save_hyperparameters()
         self.model = AnomalyControlModel(base_model, vlm, num_tokens=num_tokens, image_embed_dim=image_embed_dim,
-                                         asea_steps=asea_steps, local_files_only=local_files_only)  # fmt: skip
+                                         asea_steps=asea_steps, init_adapter=init_adapter,
+                                         local_files_only=local_files_only)  # fmt: skip
+        self.feature_cache: dict[str, torch.Tensor] = {}
+        """CSM (+ ASEA) feature of each reference image, computed at its first use (``ref_key`` -> ``[d]``)."""
+
+    def reference_features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's reference features, from the cache; the missing ones are computed (once) and kept."""
+        keys = batch["ref_key"]
+        todo = [i for i, key in enumerate(keys) if key not in self.feature_cache]
+        todo = [i for n, i in enumerate(todo) if keys[i] not in {keys[j] for j in todo[:n]}]  # once per key
+        if todo:
+            features = self.model.reference_features(batch["ref_image"][todo], [batch["ref_caption"][i] for i in todo],
+                                                     batch["ref_mask"][todo])  # fmt: skip
+            for i, feature in zip(todo, features, strict=True):
+                self.feature_cache[keys[i]] = feature.detach().cpu()
+        return torch.stack([self.feature_cache[key] for key in keys]).to(batch["image"].device)
 
     def training_step(self, batch: dict[str, Any], _batch_idx: int) -> torch.Tensor:
-        features = self.model.reference_features(batch["ref_image"], batch["ref_caption"], batch["ref_mask"])
+        features = self.reference_features(batch)
         loss = self.model.training_loss(batch["image"], batch["mask"], batch["caption"], features)
         self.log("loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         return loss
@@ -91,26 +113,33 @@ class ControlTraining(AdapterModule):
             dataset.set_epoch(self.current_epoch)
 
 
-
 def train_control(data_root: str | Path, captions: str | Path, output: str | Path = "control_run",
-                  categories: list[str] | None = None, pairing: str = "random", base_model: str = SD15_INPAINTING,
+                  categories: list[str] | None = None, pairing: str = "self", base_model: str = SD15_INPAINTING,
                   vlm: str = BLIP2_ITM, max_steps: int = 1000, batch_size: int = 4, image_size: int = 512,
                   lr: float = 1e-4, num_tokens: int = 4, image_embed_dim: int = 1024, asea_steps: int = 5,
+                  init_adapter: str | Path | None = None, exclude_categories: list[str] | None = None,
+                  exclude_images: list[str | Path] | None = None, exclude_split: str | Path | None = None,
                   **trainer_options: Any) -> Path:  # fmt: skip
     """Train an SGA; returns ``OUTPUT/adapter``. Resumes from ``OUTPUT/checkpoints/last.ckpt``.
 
+    ``init_adapter``: an IP-Adapter SD 1.5 checkpoint to start from (local file or Hub file ``OWNER/REPO/PATH``,
+    e.g. ``h94/IP-Adapter/models/ip-adapter_sd15.safetensors``), as the official training; without it the SGA starts
+    from the text K/V and random projections. ``exclude_*`` and the recorded ``training_data``: as in
+    :func:`~anomalib_synth.training.xfusion.train_xfusion`.
     ``trainer_options``: ``precision``, ``accelerator``, ``devices``, ``strategy``, ``checkpoint_every``, ``seed``,
     ``progress``, ``num_workers`` (as in :func:`~anomalib_synth.training.xfusion.train_xfusion`).
     """
     from lightning.pytorch import seed_everything
 
-    from ..data.captions import match_captions
     from .runner import fit_adapter
+    from .xfusion import training_records
 
     options = dict(trainer_options)
     seed_everything(int(options.get("seed", 0)), workers=True, verbose=False)
-    records = match_captions(data_root, captions, categories)
+    records, record = training_records(data_root, captions, categories, exclude_categories, exclude_images,
+                                       exclude_split)  # fmt: skip
     dataset = ReferencePairs(records, (image_size, image_size), pairing, seed=int(options.get("seed", 0)))
     module = ControlTraining(base_model, vlm, num_tokens=num_tokens, image_embed_dim=image_embed_dim, lr=lr,
-                             asea_steps=asea_steps)  # fmt: skip
+                             asea_steps=asea_steps, init_adapter=None if init_adapter is None else str(init_adapter))  # fmt: skip
+    module.model.training_data = record
     return fit_adapter(module, dataset, ReferencePairs.collate, output, max_steps, batch_size, **options)

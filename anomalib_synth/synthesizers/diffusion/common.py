@@ -8,6 +8,7 @@ generator seeded with its seed, so a sample does not depend on the rest of its b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from ..validation import check_range
 from .latents import vae_scale_factor
 from .prompts import AnomalyPrompt, prompts_for
 
-__all__ = ["DiffusionSynthesizer", "composite", "to_model_size"]
+__all__ = ["DiffusionSynthesizer", "composite", "load_references", "to_model_size"]
 
 SEED_HIGH = 2**31 - 1
 
@@ -45,6 +46,38 @@ def composite(images: Tensor, generated: Tensor, masks: Tensor) -> Tensor:
     if images.shape[1] == 1:
         out = out.mean(1, keepdim=True)
     return torch.where(masks, out.to(images.dtype), images)
+
+
+def load_references(references: str | Path) -> list[dict[str, Any]]:
+    """Reference defects from a JSON list (``[{"image": path, "text": str, "mask": path?}, ...]``, paths relative
+    to the file) or a folder of images (text = file stem with ``_`` as spaces; ``<stem>_mask.png`` is the mask of
+    ``<stem>.png``). Used by ``anomalycontrol`` and ``xfusion`` (which needs the masks).
+
+    Raises:
+        FileNotFoundError: for a missing file or folder. ValueError: for an empty or malformed list.
+    """
+    from ...io import list_images
+
+    path = Path(references)
+    if not path.exists():
+        msg = f"references {str(path)!r} do not exist"
+        raise FileNotFoundError(msg)
+    if path.is_dir():
+        files = list_images(path)
+        masks = {p.stem[: -len("_mask")]: p for p in files if p.stem.endswith("_mask")}
+        entries = [{"image": str(p), "text": p.stem.replace("_", " "), "mask": str(masks[p.stem]) if p.stem in masks
+                    else None} for p in files if not p.stem.endswith("_mask")]  # fmt: skip
+    else:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, list) or not all(isinstance(r, dict) and "image" in r and "text" in r for r in raw):
+            msg = f"{str(path)!r} must be a JSON list of {{'image': path, 'text': str, 'mask': path (optional)}}"
+            raise ValueError(msg)
+        entries = [{"image": str(path.parent / r["image"]), "text": r["text"],
+                    "mask": None if not r.get("mask") else str(path.parent / r["mask"])} for r in raw]  # fmt: skip
+    if not entries:
+        msg = f"no reference images in {str(path)!r}"
+        raise ValueError(msg)
+    return entries
 
 
 class DiffusionSynthesizer(Synthesizer):

@@ -21,7 +21,15 @@ SD15_INPAINTING = "stable-diffusion-v1-5/stable-diffusion-inpainting"
 CLIP_VIT_L14 = "openai/clip-vit-large-patch14"
 """OpenAI CLIP ViT-L/14 (AnomalyAny's image loss)."""
 
-__all__ = ["CLIP_VIT_L14", "SD15", "SD15_INPAINTING", "ModelNotFoundError", "load_pretrained", "resolve_dtype"]
+__all__ = [
+    "CLIP_VIT_L14",
+    "SD15",
+    "SD15_INPAINTING",
+    "ModelNotFoundError",
+    "hub_file",
+    "load_pretrained",
+    "resolve_dtype",
+]
 
 
 class ModelNotFoundError(OSError):
@@ -124,6 +132,32 @@ def load_pretrained(
             f"{what}: could not load {cls.__name__} from {model!r}; looked in {where}. Fix: {fix}. "
             f"Cause: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         )
+        raise ModelNotFoundError(msg) from error
+
+
+def hub_file(source: str | os.PathLike, what: str, local_files_only: bool | None = None) -> Path:
+    """A single weights file: a local path, else a Hub file ``OWNER/REPO/PATH/IN/REPO`` (downloaded or cached).
+
+    Raises:
+        ModelNotFoundError: when it is neither a local file nor a reachable (or cached) Hub file.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
+    parts = str(source).split("/")
+    if path.is_absolute() or str(source).startswith((".", "~")) or len(parts) < 3:
+        msg = f"{what}: {str(source)!r} is neither a file nor a Hub file OWNER/REPO/PATH"
+        raise ModelNotFoundError(msg)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), local_files_only=local_files_only))
+    except _missing_errors() as error:
+        msg = (f"{what}: could not get {str(source)!r} from the Hugging Face cache ({_hub_cache()})"
+               f"{'' if local_files_only else ' or the Hub'}; download it on a machine with internet and pass the "
+               f"local file. Cause: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")  # fmt: skip
         raise ModelNotFoundError(msg) from error
 
 

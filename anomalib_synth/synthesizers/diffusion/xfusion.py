@@ -23,6 +23,20 @@ embedding manager), so this is our implementation of the paper, on Stable Diffus
   **L2** norm (the simplified DDPM objective SD was trained with; L1 would change the frozen UNet's optimum),
   weighted ``1`` inside the (latent) mask and ``background_weight`` (0.1) outside, because outside the mask the
   sampler discards the prediction anyway.
+- Latent mask and label: the latent mask is the set of latent cells that hold any mask pixel (an adaptive max-pool,
+  :func:`covering_latent_mask`), in training and in sampling, so that no mask pixel is left out of the regenerated
+  region. The synthesizer's output mask is exactly the regenerated region (those cells mapped back to the pixel
+  grid, :func:`regenerated_pixels`), and the composite pastes generated pixels there only: every pixel the label
+  claims was regenerated, and every regenerated pixel is labelled.
+- Texture at inference: as in training (Eq. 3), the CLIP embedding of a real defect image times *its own* defect
+  mask (``references``; by default the adapter's training images, whose paths its config records), while the
+  location embedding takes the target mask.
+- Guidance: classifier-free guidance with scale 5 by default, the value of the LDM/AnomalyDiffusion sampler the
+  paper builds on (the paper does not state its own); the unconditional branch is the empty caption in the caption
+  tokens and in ``e_X`` (mask and texture kept), which is what training's caption dropout (10 %) prepares for.
+- Leakage: the adapter config records the training images (``training_data``); ``anomalib-synth train xfusion``
+  can exclude categories, images or a split file, and the evaluation harness refuses a synthesizer that has seen
+  its test images (:mod:`anomalib_synth.training.leakage`).
 """
 
 from __future__ import annotations
@@ -43,27 +57,50 @@ from .latents import (
     decode,
     encode,
     generators_for,
-    latent_mask,
     noise_like,
     noise_to_timestep,
     training_noise,
+    vae_scale_factor,
 )
 from .loading import CLIP_VIT_L14, SD15, ModelNotFoundError, load_pretrained, resolve_dtype
 
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "DEFAULT_GUIDANCE",
     "DynamicDifFusion",
     "MaskEncoder",
     "MultiModalInFusion",
     "XFusionAdapter",
     "XFusionModel",
     "XFusionSynthesizer",
+    "covering_latent_mask",
+    "regenerated_pixels",
 ]
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 LORA_WEIGHTS = "lora.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+DEFAULT_GUIDANCE = 5.0
+"""Classifier-free guidance scale: LDM / AnomalyDiffusion's sampler (``scale 5.0``), the code base of the paper."""
+
+
+def covering_latent_mask(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """``[B, 1, h, w]`` float mask of the latent cells that hold any pixel of ``masks`` (adaptive max-pool).
+
+    Nearest downsampling would drop mask pixels that are not at a cell's sampling point, so that the label could
+    claim pixels that were never regenerated; the max-pool keeps every cell a mask pixel touches.
+    """
+    return F.adaptive_max_pool2d(masks.float(), tuple(size))
+
+
+def regenerated_pixels(cells: Tensor, size: tuple[int, int]) -> Tensor:
+    """The latent ``cells`` (from :func:`covering_latent_mask`) on a pixel grid of ``size``, as bool ``[B, 1, H, W]``.
+
+    Pixel ``y`` belongs to cell ``floor(y * h / H)`` (nearest), which is always one of the cells whose max-pool
+    window holds ``y``: every pixel of the mask is inside the returned region.
+    """
+    return F.interpolate(cells.float(), size=tuple(size), mode="nearest") > 0.5
 
 
 class MaskEncoder(nn.Module):
@@ -172,6 +209,8 @@ class XFusionAdapter(nn.Module):
                          "base_model": str(base_model), "clip_model": str(clip_model), "lora_rank": int(lora_rank)}  # fmt: skip
         self.mif = MultiModalInFusion(dim, num_tokens, text_dim, image_dim)
         self.ddf = DynamicDifFusion(dim)
+        self.training_data: dict[str, Any] | None = None
+        """The training images (``anomalib_synth.training.leakage.training_data``), recorded in the config."""
 
     def save_pretrained(self, folder: str | Path, lora_state: dict[str, Tensor] | None = None) -> Path:
         """Write the adapter (atomically, file by file) and return the folder."""
@@ -182,7 +221,10 @@ class XFusionAdapter(nn.Module):
         write_safetensors(folder / ADAPTER_WEIGHTS, self.state_dict())
         if lora_state:
             write_safetensors(folder / LORA_WEIGHTS, lora_state)
-        write_text(folder / ADAPTER_CONFIG, json.dumps({"type": "xfusion", **self.settings}, indent=2))
+        config = {"type": "xfusion", **self.settings}
+        if self.training_data is not None:
+            config["training_data"] = self.training_data
+        write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2))
         return folder
 
     @classmethod
@@ -201,7 +243,9 @@ class XFusionAdapter(nn.Module):
             raise ModelNotFoundError(msg)
         settings = json.loads((folder / ADAPTER_CONFIG).read_text())
         settings.pop("type", None)
+        training_data = settings.pop("training_data", None)
         adapter = cls(**settings)
+        adapter.training_data = training_data
         adapter.load_state_dict(load_file(str(folder / ADAPTER_WEIGHTS)))
         lora = load_file(str(folder / LORA_WEIGHTS)) if (folder / LORA_WEIGHTS).is_file() else None
         return adapter, lora
@@ -341,21 +385,30 @@ class XFusionModel(nn.Module):
         eps = self.unet(
             zt.to(self.unet.dtype), timesteps, encoder_hidden_states=self.condition(tokens, x_embedding, timesteps)
         ).sample
-        m = latent_mask(masks, z0.shape[-2:])
+        m = covering_latent_mask(masks, z0.shape[-2:])  # the cells sampling regenerates
         weight = m + self.background_weight * (1 - m)
         return (weight * (eps.float() - noise) ** 2).sum() / (weight.sum() * z0.shape[1])
 
     # -- sampling -------------------------------------------------------------------------------------------------
 
+    def regenerated_cells(self, masks: Tensor) -> Tensor:
+        """The latent cells that :meth:`sample` regenerates for model-size pixel ``masks``, ``[B, 1, h, w]``."""
+        factor = vae_scale_factor(self.vae)
+        return covering_latent_mask(masks, (masks.shape[-2] // factor, masks.shape[-1] // factor))
+
     @torch.no_grad()
     def sample(self, images: Tensor, masks: Tensor, captions: list[str], seeds: Tensor,
                references: Tensor | None = None, reference_masks: Tensor | None = None,
-               num_inference_steps: int = 50, strength: float = 1.0, guidance_scale: float = 1.0,
-               progress: bool = False) -> Tensor:  # fmt: skip
-        """Eq. 16 sampling at model size: denoise inside ``masks``, keep the noised normal image outside.
+               num_inference_steps: int = 50, strength: float = 1.0, guidance_scale: float = DEFAULT_GUIDANCE,
+               progress: bool = False, textures: Tensor | None = None) -> Tensor:  # fmt: skip
+        """Eq. 16 sampling at model size: denoise the latent cells of ``masks``, keep the noised input elsewhere.
 
-        ``images``/``masks`` are model-size ``[B,3,S,S]``/``[B,1,S,S]``; the textural embedding comes from
-        ``references * reference_masks`` when given, else from ``images * masks``. Returns decoded images in [0, 1].
+        ``images``/``masks`` are model-size ``[B,3,S,S]``/``[B,1,S,S]``; the regenerated cells are
+        :meth:`regenerated_cells` of ``masks`` (``masks`` themselves drive the location embedding). The textural embedding is,
+        as in training, the CLIP embedding of a defect image times its own defect mask: ``textures`` (``[B, D]``
+        from :meth:`encode_texture`), else ``references * reference_masks``, else ``images * masks`` (only
+        meaningful when ``images`` are themselves anomalous: on normal images, give references). Returns decoded
+        images in [0, 1].
         """
         from tqdm.auto import tqdm
 
@@ -363,14 +416,17 @@ class XFusionModel(nn.Module):
         images, masks = images.to(device), masks.to(device)
         gens = generators_for(seeds)
         z0 = encode(self.vae, images, gens).float()
-        m = latent_mask(masks, z0.shape[-2:])
+        m = covering_latent_mask(masks, z0.shape[-2:])
         tokens, pooled = self.encode_text(captions)
-        if references is None:
-            texture_images, texture_masks = images, masks
+        if textures is not None:
+            texture = textures.to(device).float()
+        elif references is not None:
+            if reference_masks is None:
+                msg = "references need their defect masks: the texture is reference * mask, as in training (Eq. 3)"
+                raise ValueError(msg)
+            texture = self.encode_texture(references.to(device), reference_masks.to(device))
         else:
-            texture_images = references.to(device)
-            texture_masks = torch.ones_like(masks) if reference_masks is None else reference_masks.to(device)
-        texture = self.encode_texture(texture_images, texture_masks)
+            texture = self.encode_texture(images, masks)
         x_embedding = self.x_embedding(pooled, masks, texture)
         if guidance_scale != 1.0:  # the unconditional branch as trained: the empty caption in tokens and in e_X
             empty_tokens, empty_pooled = self.encode_text([""] * len(captions))
@@ -400,6 +456,32 @@ class XFusionModel(nn.Module):
         return decode(self.vae, z)
 
 
+def _reference_entries(references: str | Path | None, adapter: XFusionAdapter, category: str | None) -> list[dict]:
+    """``[{"image", "masks"}]`` references: from ``references`` (see ``load_references``), else the adapter's training
+    images (those of ``category`` when it has some). Every reference needs its defect mask."""
+    from .common import load_references
+
+    if references is not None:
+        entries = [{"image": e["image"], "masks": [e["mask"]] if e["mask"] else []}
+                   for e in load_references(references)]  # fmt: skip
+        missing = [e["image"] for e in entries if not e["masks"]]
+        if missing:
+            msg = (f"AnomalyXFusion embeds a reference defect times its own mask, as in training (Eq. 3); no mask for "
+                   f"{missing[:3]} (give <stem>_mask.png next to <stem>.png, or 'mask' in the JSON list)")  # fmt: skip
+            raise ValueError(msg)
+        return entries
+    images = (adapter.training_data or {}).get("images", [])
+    if category is not None and any(e["category"] == Path(category).name for e in images):
+        images = [e for e in images if e["category"] == Path(category).name]
+    entries = [{"image": e["image"], "masks": list(e["masks"])} for e in images]
+    if not entries or not all(Path(p).is_file() for e in entries for p in [e["image"], *e["masks"]]):
+        msg = ("XFusionSynthesizer needs references=PATH (defect images with their masks, see load_references): "
+               + ("the adapter's training images are not on this machine" if entries
+                  else "the adapter's config records no training images"))  # fmt: skip
+        raise ValueError(msg)
+    return entries
+
+
 @register("xfusion")
 class XFusionSynthesizer(DiffusionSynthesizer):
     """AnomalyXFusion inference (arXiv 2404.19444): a normal image, a mask, a caption -> an anomalous image.
@@ -408,17 +490,25 @@ class XFusionSynthesizer(DiffusionSynthesizer):
         adapter (str | Path): folder of a trained adapter (``anomalib-synth train xfusion``).
         base_model (str | Path | None): Stable Diffusion; defaults to the one in the adapter's config.
         clip_model (str | Path | None): CLIP image encoder; defaults to the one in the adapter's config.
-        reference_dir (str | Path | None): folder of defect images for the textural embedding (one drawn per
-            sample, whole image), as in training, where the texture is the real defect region. ``None`` embeds
-            ``image * mask`` of the normal input instead, which the adapter never saw in training: prefer real
-            defect crops. Defaults to ``None``.
+        references (str | Path | None): defect images with their masks for the textural embedding, one drawn per
+            sample: a folder (``<stem>_mask.png`` next to ``<stem>.png``) or a JSON list (see
+            :func:`~anomalib_synth.synthesizers.diffusion.common.load_references`). As in training (Eq. 3), the
+            CLIP embedding of ``reference * its mask`` is used. ``None`` takes the adapter's training images (those
+            of ``category`` if it has some), whose paths its config records. Defaults to ``None``.
         num_inference_steps (int): Defaults to ``50``.
         strength (float): 1 starts the masked region from pure noise. Defaults to ``1.0``.
-        guidance_scale (float): text guidance (the adapter is trained with caption dropout). Defaults to ``1.0``.
+        guidance_scale (float): classifier-free guidance on the caption (training drops it 10 % of the time); 5 as
+            the LDM / AnomalyDiffusion sampler the paper builds on, 1 turns guidance off. Defaults to ``5.0``.
+        reference_dir (str | Path | None): alias of ``references`` (a folder).
         model (str | Path | None): alias of ``adapter`` (so ``--model-path`` works on the command line).
         **kwargs: prompt, mask and resolution options of
             :class:`~anomalib_synth.synthesizers.diffusion.common.DiffusionSynthesizer`; the caption is the
             prompt's description (or an MVTec-Caption sentence with ``captions=``).
+
+    The output mask is the regenerated region: the latent cells (8x8 pixels at SD 1.5's resolution) that hold any
+    pixel of the drawn mask, mapped back to the image, so it covers the drawn mask and may exceed it by up to a cell.
+    Outside it, pixels are the input's own. :attr:`source_images` lists the images the synthesizer has seen (the
+    adapter's training images and the references), for the evaluation's leakage check.
     """
 
     description = "AnomalyXFusion: text + mask + texture X-embedding with timestep-adaptive fusion (trained adapter)"
@@ -429,24 +519,27 @@ class XFusionSynthesizer(DiffusionSynthesizer):
         adapter: str | Path | None = None,
         base_model: str | Path | None = None,
         clip_model: str | Path | None = None,
-        reference_dir: str | Path | None = None,
+        references: str | Path | None = None,
         num_inference_steps: int = 50,
         strength: float = 1.0,
-        guidance_scale: float = 1.0,
+        guidance_scale: float = DEFAULT_GUIDANCE,
         torch_dtype: str | torch.dtype | None = None,
         local_files_only: bool | None = None,
+        reference_dir: str | Path | None = None,
         model: str | Path | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         adapter = adapter or model
+        references = references if references is not None else reference_dir
         if adapter is None:
             msg = "XFusionSynthesizer needs adapter=DIR (from `anomalib-synth train xfusion`)"
             raise ValueError(msg)
         if num_inference_steps < 1 or not 0 < strength <= 1:
             msg = f"need num_inference_steps >= 1 and 0 < strength <= 1, got {num_inference_steps}, {strength}"
             raise ValueError(msg)
-        self.adapter_path, self.reference_dir = str(adapter), None if reference_dir is None else str(reference_dir)
+        self.adapter_path = str(adapter)
+        self.references_path = None if references is None else str(references)
         self.num_inference_steps, self.strength, self.guidance_scale = (
             int(num_inference_steps),
             strength,
@@ -457,20 +550,22 @@ class XFusionSynthesizer(DiffusionSynthesizer):
             base_model, clip_model, adapter, torch_dtype=torch_dtype, local_files_only=local_files_only
         )
         self.core.eval()
-        references = torch.empty(0, 3, 1, 1)
-        if reference_dir is not None:
-            from ...io import load_texture_bank
-
-            references = load_texture_bank(reference_dir, self.resolution)
-        self.register_buffer("references", references, persistent=False)
+        self.references = _reference_entries(references, self.core.adapter, self.category)
+        self._textures: dict[int, Tensor] = {}
         self._loaded()
 
     def _unet_and_vae(self) -> tuple[Any, Any]:
         return self.core.unet, self.core.vae
 
+    @property
+    def source_images(self) -> list[str]:
+        """Images this synthesizer has seen: its adapter's training images and its references."""
+        trained = [e["image"] for e in (self.core.adapter.training_data or {}).get("images", [])]
+        return list(dict.fromkeys([*trained, *(e["image"] for e in self.references)]))
+
     def config(self) -> dict[str, Any]:
         return {"adapter": self.adapter_path, "base_model": self.core.base_model, "clip_model": self.core.clip_model,
-                "reference_dir": self.reference_dir, "num_inference_steps": self.num_inference_steps,
+                "references": self.references_path, "num_inference_steps": self.num_inference_steps,
                 "strength": self.strength, "guidance_scale": self.guidance_scale, "torch_dtype": self.torch_dtype,
                 **self._base_config()}  # fmt: skip
 
@@ -478,25 +573,37 @@ class XFusionSynthesizer(DiffusionSynthesizer):
         from ..ops import randint
 
         params = super().sample_params(images, fg_masks, generator)
-        params["reference"] = randint(0, max(len(self.references) - 1, 0), (images.shape[0],), generator, images.device)
+        params["reference"] = randint(0, len(self.references) - 1, (images.shape[0],), generator, images.device)
         return params
+
+    def reference_textures(self, indices: list[int]) -> Tensor:
+        """CLIP embeddings of ``reference * its mask`` (Eq. 3), computed once per reference and kept."""
+        from ...evaluation.data import read_mask
+        from ...io import read_image, resize
+
+        size = (self.resolution, self.resolution)
+        for i in sorted(set(indices) - set(self._textures)):
+            ref = self.references[i]
+            image = resize(read_image(ref["image"], channels=3), size)[None]
+            mask = read_mask([Path(m) for m in ref["masks"]], size)[None, None].float()
+            self._textures[i] = self.core.encode_texture(image.to(self.model_device), mask.to(self.model_device))[0]
+        return torch.stack([self._textures[i] for i in indices])
 
     def apply(self, images: Tensor, params: Params) -> SynthesisResult:
         size = self.resolution
         masks = params["mask"]
-        references = None
-        if len(self.references):
-            references = self.references[params["reference"].to(self.references.device)]
+        model_masks = F.adaptive_max_pool2d(masks.float(), (size, size))  # no mask pixel is lost in the resize
+        label = regenerated_pixels(self.core.regenerated_cells(model_masks), images.shape[-2:]).to(images.device)
         generated = self.core.sample(
             to_model_size(images, size),
-            F.interpolate(masks.float(), size=(size, size), mode="nearest"),
+            model_masks,
             [p.detailed_text for p in self.prompt_texts(params)],
             params["seed"],
-            references=references,
+            textures=self.reference_textures(params["reference"].tolist()),
             num_inference_steps=self.num_inference_steps,
             strength=self.strength,
             guidance_scale=self.guidance_scale,
             progress=self.progress,
         )
-        out = composite(images, generated.to(images.device), masks)
-        return self._result(images, out, masks, params, self._param_keys)
+        out = composite(images, generated.to(images.device), label)
+        return self._result(images, out, label, params, self._param_keys)
