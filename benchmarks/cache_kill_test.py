@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--synthesizer", default="nsa")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill points")
-    parser.add_argument("--time-limit", type=float, default=1200, help="seconds; stop starting new rounds after it")
+    parser.add_argument("--time-limit", type=float, default=3600, help="seconds; stop starting new rounds after it")
     args = parser.parse_args(argv)
     total = args.images * args.variants
     rng = random.Random(args.seed)
@@ -128,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         reference = digest(reference_cache)
         print(f"reference build: {total} samples, {len(reference)} files")
-        failures, kills_landed = 0, 0
+        failures, kills_landed, rounds = 0, 0, 0
         for round_index in range(args.kills):
             if time.perf_counter() - began > args.time_limit:
                 print(f"time limit reached after {round_index} rounds")
                 break
+            rounds += 1
             cache = work / f"round{round_index:02d}"
             target = rng.randrange(total)
             child = start(args, sources, cache)
@@ -155,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {round_index + 1:2d}: killed at {before:3d}/{total} samples "
                   f"({temporaries} temp files left), resumed: {len(bad)} corrupt entries"
                   + (f" {bad[:5]}" if bad else ""))  # fmt: skip
-        rounds = round_index + 1
         print(f"\n{rounds} SIGKILLs ({kills_landed} during the build), {failures} rounds with corrupt entries, "
               f"{time.perf_counter() - began:.0f}s")  # fmt: skip
     return 1 if failures else 0
