@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from .synthesizers.diffusion.loading import ModelNotFoundError
+from .errors import USER_ERRORS
 
 ANOMALIB_COMMANDS = ("train", "fit", "validate", "test", "predict")
 """Subcommands handed to anomalib's CLI (with the plugin imported)."""
@@ -402,13 +402,6 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean a user mistake or a missing resource: one line on stderr, no traceback."""
-    from .io import ImageReadError
-
-    return (ValueError, OSError, ModelNotFoundError, ImageReadError)
-
-
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line (multi-line messages from libraries are joined)."""
     text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
@@ -468,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"anomalib-synth {command}: {what}; finished samples are kept, rerun the same command to resume",
               file=sys.stderr)  # fmt: skip
         return code
-    except _user_errors() as err:
+    except USER_ERRORS as err:
         if debug:
             raise
         hint = offline_weights_hint(err)

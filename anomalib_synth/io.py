@@ -18,6 +18,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .errors import ImageReadError, UnsupportedImageError
+
 BUILTIN_PHOTOS = ("brick", "grass", "gravel", "coffee", "camera", "astronaut", "chelsea", "rocket")
 """scikit-image's shipped photos usable as ``builtin:<name>`` (no download needed)."""
 
@@ -41,10 +43,6 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
         msg = f"image folder {str(root)!r} holds no images (looked for {', '.join(sorted(IMG_EXTENSIONS))})"
         raise ValueError(msg)
     return files
-
-
-class ImageReadError(ValueError):
-    """An image file cannot be read (corrupt, truncated, or of a kind we cannot convert faithfully)."""
 
 
 SKIP, RAISE = "skip", "raise"
@@ -108,10 +106,6 @@ def open_image(path: str | Path) -> Image.Image:
 def read_image(path: str | Path, channels: int = 3) -> Tensor:
     """Read an image file as float ``[channels, H, W]`` in ``[0, 1]``; :class:`ImageReadError` if it cannot be read."""
     return pil_to_tensor(open_image(path), channels)
-
-
-class UnsupportedImageError(ImageReadError):
-    """A readable image that anomalib's own reader would silently get wrong (e.g. 16-bit grayscale turns white)."""
 
 
 def probe_image(path: str | Path) -> None:
@@ -264,6 +258,37 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor]) -> None:
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def masks_for(ground_truth: Path, image: Path) -> list[Path]:
+    """The mask files of ``image`` in ``ground_truth``: ``NNN_mask.png`` (MVTec AD), ``NNN.png``, or every image of a
+    folder ``NNN/`` (MVTec LOCO); ``ValueError`` naming what was looked for otherwise."""
+    stem = image.stem
+    for candidate in (ground_truth / f"{stem}_mask.png", ground_truth / f"{stem}.png"):
+        if candidate.is_file():
+            return [candidate]
+    folder = ground_truth / stem
+    if folder.is_dir():
+        return list_images(folder)
+    msg = f"no ground-truth mask for {image} (looked for {stem}_mask.png, {stem}.png and {stem}/ in {ground_truth})"
+    raise ValueError(msg)
+
+
+def read_mask(paths: list[Path], size: tuple[int, int]) -> Tensor:
+    """Union of the masks (value > 0) resized to ``size`` (nearest), as bool ``[H, W]``; all-False for none."""
+    if not paths:
+        return torch.zeros(size, dtype=torch.bool)
+    union = None
+    for path in paths:
+        array = np.asarray(open_image(path).convert("L")) > 0
+        union = array if union is None else union | array
+    mask = torch.from_numpy(union.astype(np.float32))[None, None]
+    return torch.nn.functional.interpolate(mask, size=size, mode="nearest")[0, 0] > 0.5
+
+
+def load_images(paths: list[Path], size: tuple[int, int]) -> Tensor:
+    """Images as float ``[N, 3, H, W]`` in ``[0, 1]`` (grayscale read as 3 channels)."""
+    return torch.stack([resize(read_image(p, channels=3), size) for p in paths])
 
 
 def load_texture_bank(folder: str | Path, size: int = 256, limit: int | None = None) -> Tensor:

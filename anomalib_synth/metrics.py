@@ -98,7 +98,7 @@ WEIGHT_FILES = {
 
 def _loading(what: str, weights: str, build: Callable[[], Any]) -> Any:
     """``build()``, turning a failed weight download into a :class:`ModelNotFoundError` that names the file."""
-    from .synthesizers.diffusion.loading import ModelNotFoundError
+    from .errors import ModelNotFoundError
 
     try:
         return build()

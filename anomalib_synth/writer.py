@@ -24,14 +24,11 @@ from typing import Any
 from PIL import Image
 from torch import Tensor
 
+from .errors import RunMismatchError
 from .io import write_png, write_text
 
 MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
-
-
-class RunMismatchError(ValueError):
-    """The output folder holds a run with different settings."""
 
 
 class MVTecWriter:

@@ -13,7 +13,7 @@ from conftest import gen
 from PIL import Image
 from tiny_data import fake_captioned_mvtec, training_batch
 
-from anomalib_synth.data.captions import match_captions
+from anomalib_synth.training.captions import match_captions
 from anomalib_synth.io import builtin_photo, resize, to_uint8
 from anomalib_synth.synthesizers import get
 from anomalib_synth.synthesizers.diffusion.anomalycontrol import (

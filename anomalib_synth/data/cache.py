@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from ..generate import synthesize_to_folder
 from ..io import read_image, resize
+from ..synthesis import synthesize_to_folder
 from ..synthesizers import Synthesizer
 from ..writer import MVTecWriter
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ..io import list_images, open_image, read_image, resize
+from ..io import list_images, load_images, masks_for, read_mask
+
+__all__ = ["CategoryData", "TestSample", "load_category", "load_images", "load_test_set", "masks_for", "read_mask"]
 
 
 @dataclass
@@ -55,18 +56,6 @@ class CategoryData:
         return shots, test
 
 
-def masks_for(ground_truth: Path, image: Path) -> list[Path]:
-    stem = image.stem
-    for candidate in (ground_truth / f"{stem}_mask.png", ground_truth / f"{stem}.png"):
-        if candidate.is_file():
-            return [candidate]
-    folder = ground_truth / stem
-    if folder.is_dir():
-        return list_images(folder)
-    msg = f"no ground-truth mask for {image} (looked for {stem}_mask.png, {stem}.png and {stem}/ in {ground_truth})"
-    raise ValueError(msg)
-
-
 def load_category(root: str | Path, category: str) -> CategoryData:
     """Index the files of ``root/category``; ``ValueError`` with what is missing otherwise."""
     base = Path(root) / category
@@ -90,23 +79,6 @@ def load_category(root: str | Path, category: str) -> CategoryData:
         msg = f"{base} has neither train/good nor test/good images to draw shots from"
         raise ValueError(msg)
     return CategoryData(category, normal, test, shots_from_test=True)
-
-
-def read_mask(paths: list[Path], size: tuple[int, int]) -> Tensor:
-    """Union of the masks (value > 0) resized to ``size`` (nearest), as bool ``[H, W]``; all-False for none."""
-    if not paths:
-        return torch.zeros(size, dtype=torch.bool)
-    union = None
-    for path in paths:
-        array = np.asarray(open_image(path).convert("L")) > 0
-        union = array if union is None else union | array
-    mask = torch.from_numpy(union.astype(np.float32))[None, None]
-    return torch.nn.functional.interpolate(mask, size=size, mode="nearest")[0, 0] > 0.5
-
-
-def load_images(paths: list[Path], size: tuple[int, int]) -> Tensor:
-    """Images as float ``[N, 3, H, W]`` in ``[0, 1]`` (grayscale read as 3 channels)."""
-    return torch.stack([resize(read_image(p, channels=3), size) for p in paths])
 
 
 def load_test_set(samples: list[TestSample], size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:

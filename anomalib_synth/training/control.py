@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..data.captions import CaptionedDefect, CaptionedDefects
+from .captions import CaptionedDefect, CaptionedDefects
 from ..synthesizers.diffusion.anomalycontrol import BLIP2_ITM
 from ..synthesizers.diffusion.loading import SD15_INPAINTING
 from ..synthesizers.validation import check_choice

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # kept light: the evaluation harness imports this module
-    from ..data.captions import CaptionedDefect
+    from .captions import CaptionedDefect
 
 __all__ = [
     "LeakageError",

@@ -86,7 +86,7 @@ def train_xfusion(
     """
     from lightning.pytorch import seed_everything
 
-    from ..data.captions import CaptionedDefects
+    from .captions import CaptionedDefects
     from .runner import fit_adapter
 
     seed_everything(int(trainer_options.get("seed", 0)), workers=True, verbose=False)
@@ -103,7 +103,7 @@ def training_records(data_root: str | Path, captions: Any, categories: list[str]
                      exclude_categories: list[str] | None = None, exclude_images: list[str | Path] | None = None,
                      exclude_split: str | Path | None = None) -> tuple[list[Any], dict[str, Any]]:  # fmt: skip
     """The captioned images to train on (after the exclusions) and the ``training_data`` record of the config."""
-    from ..data.captions import match_captions
+    from .captions import match_captions
     from .leakage import exclude_records, training_data
 
     records = match_captions(data_root, captions, categories)

@@ -548,7 +548,7 @@ class AnomalyControlSynthesizer(DiffusionSynthesizer):
 
     def reference_features(self, indices: list[int]) -> Tensor:
         """CSM (+ ASEA) features of the references, computed once per reference and kept."""
-        from ...evaluation.data import read_mask
+        from ...io import read_mask
         from ...io import read_image, resize
 
         size = self.core.csm.vlm.config.vision_config.image_size

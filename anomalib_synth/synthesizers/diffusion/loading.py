@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ...errors import ModelNotFoundError
+
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 """Stable Diffusion 1.5 (the ``runwayml`` repository was deleted from the Hub in 2024; this is its mirror)."""
 SD15_INPAINTING = "stable-diffusion-v1-5/stable-diffusion-inpainting"
@@ -30,10 +32,6 @@ __all__ = [
     "load_pretrained",
     "resolve_dtype",
 ]
-
-
-class ModelNotFoundError(OSError):
-    """Raised when a model's weights are neither in a local folder nor reachable on (or cached from) the Hub."""
 
 
 def _missing_errors() -> tuple[type[BaseException], ...]:

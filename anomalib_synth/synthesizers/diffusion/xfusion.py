@@ -578,7 +578,7 @@ class XFusionSynthesizer(DiffusionSynthesizer):
 
     def reference_textures(self, indices: list[int]) -> Tensor:
         """CLIP embeddings of ``reference * its mask`` (Eq. 3), computed once per reference and kept."""
-        from ...evaluation.data import read_mask
+        from ...io import read_mask
         from ...io import read_image, resize
 
         size = (self.resolution, self.resolution)
