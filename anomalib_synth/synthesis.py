@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .seeding import derive_seed
 from .synthesizers import Synthesizer
 from .writer import MVTecWriter
 
@@ -19,7 +20,7 @@ __all__ = ["batch_seed", "synthesize_to_folder"]
 
 def batch_seed(seed: int, batch_index: int) -> int:
     """Seed of batch ``batch_index``: independent of which batches were already done, so resumed runs match."""
-    return (int(seed) * 1_000_003 + batch_index) % (2**63 - 1)
+    return derive_seed(seed, "batch", batch_index)
 
 
 def synthesize_to_folder(

@@ -443,7 +443,7 @@ def test_resumed_fit_draws_the_same_online_anomalies_as_an_uninterrupted_one(tin
     def run(ckpt_path: str | None = None) -> dict:
         seen, record = _record_masks()
         dm = _wrap(tiny_root, tmp_path, inner_kwargs={"train_batch_size": 2}, synthesizer="cutpaste",
-                   anomaly_ratio=0.5, synthetic_val=False, seed=4)  # fmt: skip
+                   anomaly_ratio=1.0, synthetic_val=False, seed=4)  # fmt: skip
         callbacks = [record]
         if ckpt_path is None:  # a checkpoint in the middle of epoch 1 (3 batches per epoch)
             callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1))

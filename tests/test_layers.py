@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "anomalib_synth"
 
 LAYERS = {
     "errors": 0,
-    "io": 1,
+    "io": 1, "seeding": 1,
     "synthesizers": 2,
     "transforms": 3, "writer": 3, "albumentations": 3, "metrics": 3,
     "synthesis": 4,

@@ -39,7 +39,7 @@ def cache_key(
         "variants": variants,
         "seed": seed,
         "size": list(size),
-        "format": 1,
+        "format": 2,  # 2: seeds from anomalib_synth.seeding
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

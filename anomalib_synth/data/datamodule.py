@@ -14,6 +14,7 @@ from anomalib.data.datasets.base import AnomalibDataset
 from torchvision.transforms.v2 import Resize
 
 from ..io import ON_ERROR, RAISE, ImageReadError, UnsupportedImageError, probe_image
+from ..seeding import derive_seed, generator_for
 from ..synthesizers import Synthesizer, get
 from ..transforms import synthesize_batch
 from .cache import build_cache, records_to_samples
@@ -36,13 +37,6 @@ def _model_resize(module: AnomalibDataModule) -> tuple[int, int] | None:
         return None
     size = resizes[0].size
     return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
-
-
-def _mix_seed(*parts: int) -> int:
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + int(part) + 1) % (2**63 - 1)
-    return value
 
 
 class SyntheticAnomalyDataModule(AnomalibDataModule):
@@ -184,7 +178,7 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
                 self._drop_unreadable(dataset, split)
         train: AnomalibDataset = inner.train_data
         normal = [i for i, label in enumerate(train.samples.label_index) if int(label) == 0]
-        generator = torch.Generator().manual_seed(_mix_seed(self.seed or 0, 1))
+        generator = generator_for(self.seed or 0, "shots")
         order = [normal[i] for i in torch.randperm(len(normal), generator=generator).tolist()]
         if self.n_shots is not None:
             if self.n_shots > len(order):
@@ -261,7 +255,7 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
             list(source.samples.image_path),
             self.cache_dir,
             variants=variants,
-            seed=_mix_seed(self.seed or 0, {"train": 2, "val": 3, "test": 4}[split]),
+            seed=derive_seed(self.seed or 0, split),
             size=size,
             batch_size=self.synthesis_batch_size,
             device=self._device(),
@@ -347,7 +341,7 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
             if epoch != self._epoch:
                 self._epoch, self._batch = epoch, 0
             batch_index, self._batch = self._batch, self._batch + 1
-        generator = torch.Generator().manual_seed(_mix_seed(self.seed or 0, epoch, batch_index, rank))
+        generator = generator_for(self.seed or 0, "online", epoch, batch_index, rank)
         images = batch.image.as_subclass(torch.Tensor)
         b, _, h, w = images.shape
         masks = None if batch.gt_mask is None else batch.gt_mask.as_subclass(torch.Tensor).reshape(b, 1, h, w).bool()

@@ -18,6 +18,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
+from ..seeding import derive_seed
 from ..synthesizers import Synthesizer, get
 from ..synthesizers.base import make_generator
 from ..transforms import synthesize_batch
@@ -101,7 +102,7 @@ class UseSynthesizer(Callback):
             current = getattr(current, part, None) if part else None
         if not isinstance(current, SynthesizerAugmenter):
             # each DDP rank draws its own anomalies
-            seed = None if self.seed is None else self.seed * 1_000_003 + trainer.global_rank
+            seed = None if self.seed is None else derive_seed(self.seed, "rank", trainer.global_rank)
             self.replaced = swap_augmenter(pl_module, self.synthesizer, self.probability, seed)
             current = pl_module
             for part in self.replaced.split("."):
