@@ -270,13 +270,13 @@ def tiny_pndm(tiny, tmp_path_factory):
 def test_anomalyany_samples_with_ddim_whatever_the_checkpoint_ships(tiny, tiny_pndm, photos) -> None:
     # PNDM's second step would start again from the sample stored on the first call: the guided update made in
     # between would be lost and the latent would lag the schedule by one step. The sampler must not depend on it.
-    kwargs = {**FAST, "attention_steps": None, "attention_schedule": "paper"}  # guided updates at every step
+    kwargs = {**FAST, "lr": 10.0, "lr_min": 0.0}  # a visible guided update before the second executed step
     pndm = get("anomalyany", model=tiny_pndm, clip_model=tiny["clip"], category="bottle", **kwargs)
     ddim = get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], category="bottle", **kwargs)
-    assert pndm.shipped_scheduler == "PNDMScheduler" and type(pndm.make_scheduler()).__name__ == "DDIMScheduler"
-    assert pndm.make_scheduler().config.clip_sample is False
     a, b = pndm(photos[:1], generator=gen(3)), ddim(photos[:1], generator=gen(3))
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+    assert pndm.shipped_scheduler == "PNDMScheduler" and type(pndm.make_scheduler()).__name__ == "DDIMScheduler"
+    assert pndm.make_scheduler().config.clip_sample is False
     assert a.params[0]["latent_step"][1] > 0, "the second executed step was guided"
 
 
@@ -344,12 +344,13 @@ def test_anomalyany_image_loss_decodes_z_t_and_the_prompt_moves_every_step(tiny,
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_anomalyany_low_precision_keeps_fp32_master_copies(tiny, photos, dtype) -> None:
     # inner steps of ~3e-5 (RMS) on the latent and ~2e-5 on the embedding: far below fp16/bf16 resolution near 1
-    kwargs = {**FAST, "attention_schedule": "paper", "lr": 1.0, "lr_min": 0.0, "prompt_lr": 0.02}
+    kwargs = {**FAST, "lr": 1.0, "lr_min": 0.0, "prompt_lr": 0.02}
     full = get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], category="bottle", **kwargs)
     low = get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], category="bottle", torch_dtype=dtype, **kwargs)
     assert low.unet.dtype == getattr(torch, dtype)
     a, b = full(photos[:1], generator=gen(0)).params[0], low(photos[:1], generator=gen(0)).params[0]
-    assert all(s > 0 for s in b["prompt_step"]) and all(s > 0 for s in b["latent_step"])
+    # the official weight of L_att is 0 at the first executed step: the latent moves from the second one on
+    assert all(s > 0 for s in b["prompt_step"]) and b["latent_step"][0] == 0 and all(s > 0 for s in b["latent_step"][1:])
     assert b["prompt_step"] == pytest.approx(a["prompt_step"], rel=0.1)
     assert b["latent_step"] == pytest.approx(a["latent_step"], rel=0.2)
 
