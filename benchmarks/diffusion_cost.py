@@ -548,13 +548,14 @@ def report(measured: dict[str, Any], counts: dict[str, dict[str, Any]]) -> str:
     uses = {"inpainting": (("unet_inpaint", "fwd2"), ("vae", "decode"), ("text", "fwd")),
             "anomalyany": (("unet", "guided"), ("vae", "decode_fb"), ("clip_vision", "fb"), ("text", "fwd")),
             "xfusion": (("unet", "fwd1"), ("vae", "decode"), ("clip_vision", "fwd"), ("text", "fwd")),
-            "anomalycontrol": (("unet_inpaint", "fwd2"), ("vae", "decode"), ("text", "fwd"), ("blip2", "asea_vit_fb"),
+            "anomalycontrol": (("unet_inpaint", "fwd2"), ("vae", "decode"), ("text", "fwd"), ("blip2", "vit_fwd"),
                                ("blip2", "asea_qformer_fb"))}  # fmt: skip
     load = meta.get("load")
     load_note = f", load average {load[0]:.1f} -> {load[1]:.1f} on {meta['cpus']} CPUs" if load else ""
     unit = "" if cuda else f" (CPU time, {meta['threads']} thread{'s' if meta['threads'] > 1 else ''})"
     lines = [
-        f"Measured on {meta['machine']} ({meta['device']}, {meta['dtype']}, {meta['threads']} threads, torch "
+        f"Measured on {meta['machine']} ({meta['device']}, {meta['dtype']}, {meta['threads']} "
+        f"thread{'s' if meta['threads'] != 1 else ''}, torch "
         f"{meta['torch']}{load_note}), {SIZE}x{SIZE}"
         + (" (QUICK: tiny models, not the real sizes)" if meta["quick"] else "")
         + f", median of {meta['repeats']} calls after a warm-up.",
@@ -576,9 +577,9 @@ def report(measured: dict[str, Any], counts: dict[str, dict[str, Any]]) -> str:
         if "per_reference" in c:
             k = c["per_reference"]["asea_steps"]
             blip = {op: m.get("blip2", {}).get(op, {}).get(key, math.nan)
-                    for op in ("vit_fwd", "asea_qformer_fb", "asea_vit_fb")}  # fmt: skip
-            cell += (f"; + once per reference: {fmt_s(blip['vit_fwd'] + k * blip['asea_qformer_fb'])} (ASEA on the "
-                     f"ViT-g output) or {fmt_s(blip['vit_fwd'] + k * blip['asea_vit_fb'])} (ASEA through ViT-g)")  # fmt: skip
+                    for op in ("vit_fwd", "qformer_fwd", "asea_qformer_fb")}  # fmt: skip
+            cell += (f"; + once per reference (cached): {fmt_s(blip['vit_fwd'] + (k + 1) * blip['qformer_fwd'])} "
+                     f"+ {fmt_s(k * blip['asea_qformer_fb'])} for ASEA")  # fmt: skip
         lines.append(f"| `{name}` | {c['settings']} | {c['unet_forward']} | {c['unet_backward']} | {fmt_s(fwd)} "
                      f"| {fb} | {fmt_gib(peak)} | {cell} |")  # fmt: skip
     official = official_anomalyany()
@@ -615,8 +616,8 @@ def report(measured: dict[str, Any], counts: dict[str, dict[str, Any]]) -> str:
              ("clip_vision", "fwd"): "CLIP ViT-L/14 image tower, 224 px",
              ("clip_vision", "fb"): "CLIP ViT-L/14 image tower forward + backward (L_img)",
              ("blip2", "vit_fwd"): "BLIP-2 ViT-g forward, 224 px", ("blip2", "qformer_fwd"): "BLIP-2 Q-Former forward",
-             ("blip2", "asea_qformer_fb"): "ASEA step, e_g on the ViT-g output (backward through the Q-Former)",
-             ("blip2", "asea_vit_fb"): "ASEA step, e_g on the patch embeddings (backward through ViT-g)"}  # fmt: skip
+             ("blip2", "asea_qformer_fb"): "ASEA step, e_g on the ViT-g output (official; backward through the Q-Former)",
+             ("blip2", "asea_vit_fb"): "ASEA step, e_g on the patch embeddings (before issue 14; backward through ViT-g)"}  # fmt: skip
     for (task, op), label in names.items():
         entry = m.get(task, {}).get(op)
         if entry is None:
