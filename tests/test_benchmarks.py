@@ -36,7 +36,7 @@ def test_diffusion_cost_quick_run_counts_and_docs_block(diffusion_cost, tmp_path
     for task in measured["tasks"].values():
         assert "error" not in task and task["parameters"] > 0
     guided = measured["tasks"]["unet"]["guided"]
-    assert guided["seconds"] > 0 and guided["peak_mib"] is None or guided["peak_mib"] > 0
+    assert guided["seconds"] > 0 and (guided["peak_mib"] is None or guided["peak_mib"] > 0)
     text = doc.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `")}
