@@ -25,7 +25,7 @@ from anomalib_synth.synthesizers.diffusion.loading import ModelNotFoundError, lo
 from anomalib_synth.synthesizers.diffusion.prompts import load_captions, prompts_for
 
 # the smallest schedule that still has guided, plain and refinement steps: 8 steps x 0.5 = 4 executed steps
-FAST = {"num_inference_steps": 8, "gamma": 0.5, "attention_steps": 2, "inner_steps": 2, "refine_fraction": 0.25,
+FAST = {"num_inference_steps": 8, "gamma": 0.5, "attention_steps": 2, "inner_steps": 2, "refine_fraction": 0.5,
         "localized_range": None}  # fmt: skip
 
 
@@ -202,7 +202,8 @@ def test_inpainting_grayscale_and_given_foreground(inpainting, photos) -> None:
 def test_anomalyany_attention_loss_falls_under_gradient_steps(tiny, photos) -> None:
     synth = get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], category="bottle", num_inference_steps=10,
                 gamma=0.2, attention_steps=1, inner_steps=5, refine_fraction=0.0, localized_range=None, lr=100.0,
-                lr_min=0.0)  # fmt: skip
+                lr_min=0.0, attention_schedule="paper")  # fmt: skip
+    # (the paper's weight: the official one is 0 at the first executed step)
     out = synth(photos[:1], generator=gen(0))
     losses = out.params[0]["attention_loss"]
     assert len(losses) == 5 and all(b < a for a, b in itertools.pairwise(losses)), losses
@@ -252,6 +253,106 @@ def test_anomalyany_stop_rule_skips_localised_maps(tiny, photos) -> None:
     out = synth(photos[:1], generator=gen(0))
     forwards, _ = synth.expected_unet_evaluations()
     assert out.params[0]["unet_forward"] == forwards - 2, "step 1 lost its attention guidance"
+
+
+@pytest.fixture(scope="module")
+def tiny_pndm(tiny, tmp_path_factory):
+    """The tiny SD pipeline re-saved with the scheduler SD 1.5 ships: PNDM (PLMS, ``skip_prk_steps``)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny["sd"], safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    folder = tmp_path_factory.mktemp("tiny-pndm") / "sd"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_anomalyany_samples_with_ddim_whatever_the_checkpoint_ships(tiny, tiny_pndm, photos) -> None:
+    # PNDM's second step would start again from the sample stored on the first call: the guided update made in
+    # between would be lost and the latent would lag the schedule by one step. The sampler must not depend on it.
+    kwargs = {**FAST, "lr": 10.0, "lr_min": 0.0}  # a visible guided update before the second executed step
+    pndm = get("anomalyany", model=tiny_pndm, clip_model=tiny["clip"], category="bottle", **kwargs)
+    ddim = get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], category="bottle", **kwargs)
+    a, b = pndm(photos[:1], generator=gen(3)), ddim(photos[:1], generator=gen(3))
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+    assert pndm.shipped_scheduler == "PNDMScheduler" and type(pndm.make_scheduler()).__name__ == "DDIMScheduler"
+    assert pndm.make_scheduler().config.clip_sample is False
+    assert a.params[0]["latent_step"][1] > 0, "the second executed step was guided"
+
+
+def test_anomalyany_attention_weight_schedules(anomalyany, tiny) -> None:
+    n = anomalyany.executed_steps()
+    n_t, n_start = torch.tensor([30.0, 60.0]), torch.tensor([60.0, 60.0])
+    official = [anomalyany.attention_weight(i, n_t, n_start) for i in range(n)]
+    # the official code's 0.5 * (i / (N - t_start)): rising from 0, independent of n_t
+    assert [w[0].item() for w in official] == pytest.approx([0.5 * i / n for i in range(n)])
+    assert torch.equal(official[1][0], official[1][1])
+    paper = get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], **{**FAST, "attention_schedule": "paper"})
+    weights = [paper.attention_weight(i, n_t, n_start) for i in range(n)]
+    # Eq. 5: lambda (1 + delta t) n_t / n_start, falling as t falls, from lambda to lambda (1 - attention_decay)
+    assert weights[0].tolist() == pytest.approx([0.25, 0.5]) and weights[-1].tolist() == pytest.approx([0.125, 0.25])
+    assert all(b[1] < a[1] for a, b in itertools.pairwise(weights))
+    with pytest.raises(ValueError, match="attention_schedule"):
+        get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], attention_schedule="rising")
+
+
+def test_anomalyany_guides_every_executed_step_by_default(tiny, photos) -> None:
+    synth = get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], category="bottle", num_inference_steps=60,
+                gamma=0.5, inner_steps=1, lr=10.0, lr_min=0.0)  # fmt: skip
+    n = synth.executed_steps()
+    assert n == 30 and all(synth.guided(i)[0] for i in range(n)), "max_iter_to_alter (25) does not gate L_att"
+    costs = synth.expected_costs()
+    assert costs == {"unet_forward": 2 * n + n, "unet_backward": n, "vae_decode": 8, "clip_image": 8}
+    out = synth(photos[:1], generator=gen(0))
+    assert out.params[0]["unet_forward"] == costs["unet_forward"] and len(out.params[0]["image_loss"]) == 8
+    # the official weight is 0 at the first step only; every later step moves the latent
+    steps = out.params[0]["latent_step"]
+    assert len(steps) == n and steps[0] == 0 and all(s > 0 for s in steps[1:])
+
+
+def test_anomalyany_image_loss_decodes_z_t_and_the_prompt_moves_every_step(tiny, photos) -> None:
+    synth = get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], category="bottle", **FAST)
+    assert (synth.image_loss_weight, synth.prompt_lr, synth.prompt_loss_weight) == (0.1, 0.02, 1.0)
+    unet_in, decoded, contexts = [], [], []
+
+    def keep_unet(_module, args, kwargs):
+        if args[0].shape[0] == 1:  # the guided (conditional-only) forwards
+            unet_in.append(args[0].detach().clone())
+            contexts.append(kwargs["encoder_hidden_states"].detach().clone())
+
+    original_decode = synth.vae.decode
+
+    def keep_decode(latents, *args, **kwargs):
+        decoded.append(latents.detach().clone() * synth.vae.config.scaling_factor)
+        return original_decode(latents, *args, **kwargs)
+
+    handle = synth.unet.register_forward_pre_hook(keep_unet, with_kwargs=True)
+    synth.vae.decode = keep_decode
+    try:
+        synth(photos[:1], generator=gen(0))
+    finally:
+        handle.remove()
+        del synth.vae.decode
+    # FAST: guided steps 0, 1 (attention) and 3 (refinement), 2 iterations each; L_img only in step 3
+    assert len(unet_in) == 6 and len(decoded) == 3  # 2 refinement decodes + the final one
+    for latent, image_latent in zip(unet_in[4:], decoded[:2]):
+        torch.testing.assert_close(image_latent, latent, rtol=1e-5, atol=1e-5)  # z_t itself, not x0_hat
+    # L_prompt updates the anomaly embedding at every guided iteration, not only in the refinement steps
+    assert not torch.equal(contexts[0], contexts[1]) and not torch.equal(contexts[2], contexts[3])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_anomalyany_low_precision_keeps_fp32_master_copies(tiny, photos, dtype) -> None:
+    # inner steps of ~3e-5 (RMS) on the latent and ~2e-5 on the embedding: far below fp16/bf16 resolution near 1
+    kwargs = {**FAST, "lr": 1.0, "lr_min": 0.0, "prompt_lr": 0.02}
+    full = get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], category="bottle", **kwargs)
+    low = get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], category="bottle", torch_dtype=dtype, **kwargs)
+    assert low.unet.dtype == getattr(torch, dtype)
+    a, b = full(photos[:1], generator=gen(0)).params[0], low(photos[:1], generator=gen(0)).params[0]
+    # the official weight of L_att is 0 at the first executed step: the latent moves from the second one on
+    assert all(s > 0 for s in b["prompt_step"]) and b["latent_step"][0] == 0 and all(s > 0 for s in b["latent_step"][1:])
+    assert b["prompt_step"] == pytest.approx(a["prompt_step"], rel=0.1)
+    assert b["latent_step"] == pytest.approx(a["latent_step"], rel=0.2)
 
 
 def test_anomalyany_bad_options(tiny) -> None:

@@ -24,7 +24,7 @@ from ..validation import check_range
 from .latents import vae_scale_factor
 from .prompts import AnomalyPrompt, prompts_for
 
-__all__ = ["DiffusionSynthesizer", "composite", "load_references", "to_model_size"]
+__all__ = ["DiffusionSynthesizer", "composite", "load_references", "restartable_scheduler", "to_model_size"]
 
 SEED_HIGH = 2**31 - 1
 
@@ -37,6 +37,21 @@ def to_model_size(images: Tensor, size: int) -> Tensor:
     if tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
     return x
+
+
+def restartable_scheduler(config: Any) -> Any:
+    """A ``DDIMScheduler`` built from any Stable Diffusion scheduler config: stateless, so correct when sampling
+    starts partway into the schedule or the latent is edited between steps.
+
+    Checkpoints ship other schedulers (SD 1.5: ``PNDMScheduler``, whose PLMS step is stateful: its second call
+    steps from the sample it stored on the first call, so an edit made in between is lost and the latent lags the
+    schedule by one step). The noise schedule (betas, ``steps_offset``, ``timestep_spacing`` ...) is kept;
+    ``clip_sample`` defaults to ``False`` (latents are not in ``[-1, 1]``) when the config does not say.
+    """
+    from diffusers import DDIMScheduler
+
+    overrides = {} if "clip_sample" in config else {"clip_sample": False}
+    return DDIMScheduler.from_config(config, **overrides)
 
 
 def composite(images: Tensor, generated: Tensor, masks: Tensor) -> Tensor:
