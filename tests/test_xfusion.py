@@ -290,3 +290,16 @@ def test_train_xfusion_exclusions_recorded_images_and_leakage_check(tiny, tmp_pa
 
     assert main([*args, "--output", str(tmp_path / "none"), "--exclude-categories", "bottle,juice"]) == 2
     assert "nothing left to train on" in capsys.readouterr().err
+
+
+def test_xfusion_samples_with_ddim_whatever_the_checkpoint_ships(tiny, adapter, refs, photos, tmp_path) -> None:
+    # the latent is blended with the re-noised input between steps: PNDM (SD 1.5's scheduler) would drop the blend
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny["sd"], safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    pipe.save_pretrained(tmp_path / "pndm")
+    kwargs = {"adapter": adapter, "references": refs, "category": "bottle", "num_inference_steps": 4}
+    shipped_pndm = get("xfusion", base_model=tmp_path / "pndm", **kwargs)(photos[:2], generator=gen(5))
+    shipped_ddim = get("xfusion", **kwargs)(photos[:2], generator=gen(5))
+    assert torch.equal(shipped_pndm.images, shipped_ddim.images)

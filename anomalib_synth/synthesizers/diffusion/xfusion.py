@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ..base import Params, SynthesisResult
 from ..registry import register
-from .common import DiffusionSynthesizer, composite, to_model_size
+from .common import DiffusionSynthesizer, composite, restartable_scheduler, to_model_size
 from .latents import (
     clip_pixels,
     decode,
@@ -431,7 +431,8 @@ class XFusionModel(nn.Module):
         if guidance_scale != 1.0:  # the unconditional branch as trained: the empty caption in tokens and in e_X
             empty_tokens, empty_pooled = self.encode_text([""] * len(captions))
             empty_x_embedding = self.x_embedding(empty_pooled, masks, texture)
-        scheduler = self._scheduler_cls.from_config(self.scheduler_config)
+        # the latent is blended with the re-noised input between steps: a stateful scheduler (SD 1.5's PNDM) would drop it
+        scheduler = restartable_scheduler(self.scheduler_config)
         scheduler.set_timesteps(num_inference_steps, device=device)
         start = min(int(num_inference_steps * strength), num_inference_steps)
         timesteps = scheduler.timesteps[num_inference_steps - start :]
