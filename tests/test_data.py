@@ -314,10 +314,10 @@ def test_supersimplenet_trains_on_online_anomalies(tiny_root, tmp_path, monkeypa
 def test_draem_uses_our_synthesizer_via_callback(tiny_root, tmp_path) -> None:
     from anomalib.models import Draem
 
-    from anomalib_synth.data import UseSynthesizer
+    from anomalib_synth.data import SynthesizerSwap
 
     (tmp_path / "dtd").mkdir()
-    callback = UseSynthesizer("nsa", probability=0.5, seed=0)
+    callback = SynthesizerSwap("nsa", probability=0.5, seed=0)
     model = Draem(dtd_dir=str(tmp_path / "dtd"), pre_processor=_resize(64, normalize=False))
     engine = _engine(tmp_path, callbacks=[callback])
     engine.fit(model=model, datamodule=folder_datamodule(tiny_root))
@@ -467,7 +467,7 @@ def test_use_synthesizer_checkpoints_its_generator(tiny_root, tmp_path) -> None:
     from lightning.pytorch import Callback
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from anomalib_synth.data import UseSynthesizer
+    from anomalib_synth.data import SynthesizerSwap
 
     class WithAugmenter(pl.LightningModule):
         """Like DRAEM: calls its own ``augmenter`` on the training images."""
@@ -488,7 +488,7 @@ def test_use_synthesizer_checkpoints_its_generator(tiny_root, tmp_path) -> None:
 
     def run(ckpt_path: str | None = None) -> dict:
         model = WithAugmenter()
-        callbacks: list[Callback] = [UseSynthesizer("cutpaste", probability=0.5, seed=1)]
+        callbacks: list[Callback] = [SynthesizerSwap("cutpaste", probability=0.5, seed=1)]
         if ckpt_path is None:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1))
         trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -517,3 +517,11 @@ def test_swap_finds_dsr_and_glass_generators() -> None:
         out, masks = augmenter(images)
         assert masks.shape == (2, 1, 32, 32) and masks.flatten(1).any(1).all()
         assert torch.equal(out[masks.expand_as(out) == 0], images[masks.expand_as(out) == 0])
+
+
+def test_old_callback_name_still_works_with_a_deprecation_warning() -> None:
+    from anomalib_synth.data import SynthesizerSwap, UseSynthesizer
+
+    with pytest.warns(DeprecationWarning, match="SynthesizerSwap"):
+        callback = UseSynthesizer("nsa", probability=1.0)
+    assert isinstance(callback, SynthesizerSwap) and callback.probability == 1.0

@@ -84,10 +84,10 @@ def test_online_datamodule_on_real_bottle(tmp_path) -> None:
 def test_draem_route_on_real_bottle(tmp_path) -> None:
     from anomalib.models import Draem
 
-    from anomalib_synth.data import UseSynthesizer
+    from anomalib_synth.data import SynthesizerSwap
 
     (tmp_path / "dtd").mkdir()
-    callback = UseSynthesizer("cutpaste", probability=1.0, seed=0)
+    callback = SynthesizerSwap("cutpaste", probability=1.0, seed=0)
     model = Draem(dtd_dir=str(tmp_path / "dtd"), pre_processor=_pre_processor(64))
     from anomalib.engine import Engine
 

@@ -260,11 +260,11 @@ def test_datamodule_raises_on_corrupt_files_when_asked_and_on_16bit_always(white
 def test_draem_with_our_synthesizer_on_white_images(white_folder, tmp_path) -> None:
     from anomalib.models import Draem
 
-    from anomalib_synth.data import UseSynthesizer
+    from anomalib_synth.data import SynthesizerSwap
 
     clean = write_folder_dataset(tmp_path / "clean")
     (tmp_path / "dtd").mkdir()
-    callback = UseSynthesizer("nsa", probability=1.0, seed=0)
+    callback = SynthesizerSwap("nsa", probability=1.0, seed=0)
     model = Draem(dtd_dir=str(tmp_path / "dtd"), pre_processor=_pre_processor())
     engine = _engine(tmp_path, callbacks=[callback], limit_train_batches=1)
     engine.fit(model=model, datamodule=_folder(clean))

@@ -2,11 +2,12 @@
 
 from .cache import build_cache, cache_key
 from .datamodule import SyntheticAnomalyDataModule
-from .swap import SynthesizerAugmenter, UseSynthesizer, swap_augmenter
+from .swap import SynthesizerAugmenter, SynthesizerSwap, UseSynthesizer, swap_augmenter
 
 __all__ = [
     "SynthesizerAugmenter",
     "SyntheticAnomalyDataModule",
+    "SynthesizerSwap",
     "UseSynthesizer",
     "build_cache",
     "cache_key",

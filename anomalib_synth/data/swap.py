@@ -3,7 +3,7 @@
 DRAEM calls ``self.augmenter(batch.image)`` and DSR ``self.perlin_generator(image)`` inside ``training_step``; both
 expect anomalib's ``PerlinAnomalyGenerator`` contract: images ``[B, C, H, W]`` in ``[0, 1]`` in, ``(augmented images,
 float masks [B, 1, H, W])`` out. :class:`SynthesizerAugmenter` offers that contract around a :class:`Synthesizer`,
-:func:`swap_augmenter` puts it in place of the model's generator, and the :class:`UseSynthesizer` callback does the
+:func:`swap_augmenter` puts it in place of the model's generator, and the :class:`SynthesizerSwap` callback does the
 swap at ``setup``, so that it works from YAML (``trainer.callbacks``) without forking anomalib.
 
 GLASS (``model.augmentor``, called on de-normalised images with probability 1) takes the same contract; its
@@ -13,6 +13,7 @@ GLASS (``model.augmentor``, called on de-normalised images with probability 1) t
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -77,13 +78,13 @@ def swap_augmenter(
     raise ValueError(msg)
 
 
-class UseSynthesizer(Callback):
+class SynthesizerSwap(Callback):
     """Lightning callback: at ``setup``, make the model's own anomaly generator one of our synthesizers.
 
     Example (YAML, under ``trainer:``)::
 
         callbacks:
-          - class_path: anomalib_synth.data.UseSynthesizer
+          - class_path: anomalib_synth.data.SynthesizerSwap
             init_args: {synthesizer: cutpaste, probability: 0.5, seed: 0}
     """
 
@@ -123,4 +124,12 @@ class UseSynthesizer(Callback):
             self.augmenter.generator.set_state(state_dict["generator"])
 
 
-__all__ = ["AUGMENTER_ATTRIBUTES", "SynthesizerAugmenter", "UseSynthesizer", "swap_augmenter"]
+class UseSynthesizer(SynthesizerSwap):
+    """Deprecated name of :class:`SynthesizerSwap` (Lightning names callbacks with nouns)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        warnings.warn("UseSynthesizer is deprecated; use SynthesizerSwap", DeprecationWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)
+
+
+__all__ = ["AUGMENTER_ATTRIBUTES", "SynthesizerAugmenter", "SynthesizerSwap", "UseSynthesizer", "swap_augmenter"]

@@ -4,7 +4,7 @@
   (synthetic image, mask) pairs made from the shots (each sample anomalous with probability ``anomaly_ratio``), with
   BCE + Dice, AdamW, a fixed number of steps. Its sigmoid map is the anomaly map.
 - ``draem``: anomalib's ``Draem`` trained through the ``Engine`` on the shots for a fixed number of steps, with its
-  built-in generator swapped for the synthesizer under test (:class:`~anomalib_synth.data.UseSynthesizer`);
+  built-in generator swapped for the synthesizer under test (:class:`~anomalib_synth.data.SynthesizerSwap`);
   ``anomalib-perlin`` leaves DRAEM stock (its own generator, given the same textures).
 - ``anomalib``: any anomalib model (class path + init args) trained through
   :class:`~anomalib_synth.data.SyntheticAnomalyDataModule` on the shots: models that learn from labelled anomalies
@@ -198,7 +198,7 @@ def draem(
     from anomalib.models import Draem
     from lightning.pytorch import seed_everything
 
-    from ..data import UseSynthesizer
+    from ..data import SynthesizerSwap
 
     seed_everything(seed, workers=True, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +210,7 @@ def draem(
         callbacks = []
         if synthesizer != "anomalib-perlin":  # stock DRAEM keeps its own generator (probability 0.5)
             synth = make_synthesizer(synthesizer, texture_dir)
-            callbacks.append(UseSynthesizer(synth, probability=budget.anomaly_ratio, seed=seed))
+            callbacks.append(SynthesizerSwap(synth, probability=budget.anomaly_ratio, seed=seed))
         datamodule = shots_datamodule(shot_paths, repeats=budget.batch_size, batch_size=budget.batch_size)
         _engine(Path(tmp), budget, callbacks).fit(model=model, datamodule=datamodule)
         return _anomaly_maps(model, test_images, size)
