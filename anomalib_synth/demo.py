@@ -13,10 +13,9 @@ from torchvision.utils import make_grid
 from . import metrics
 from .generate import batch_seed, generate
 from .io import BUILTIN_PREFIX, atomic_path, load_source, to_uint8
-from .synthesizers import get
+from .synthesizers import get, names
 
 DEMO_PHOTOS = ("brick", "grass", "gravel", "coffee")
-CLASSICAL = ("perlin", "cutpaste", "scar", "nsa", "anomalib-perlin")
 
 
 def overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -49,7 +48,7 @@ def make_gallery(rows: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def run_demo(
     output: str | Path = "anomalib_synth_demo",
     gallery: str | Path | None = None,
-    synthesizers: Sequence[str] = CLASSICAL,
+    synthesizers: Sequence[str] | None = None,
     photos: Sequence[str] = DEMO_PHOTOS,
     per_photo: int = 2,
     size: int = 256,
@@ -57,7 +56,8 @@ def run_demo(
     device: str | None = "cpu",
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Run every synthesizer on the builtin photos; write MVTec-style folders, a gallery and return the metrics.
+    """Run each synthesizer (default: every classical one) on the builtin photos; write MVTec-style folders, a
+    gallery and return the metrics.
 
     Each synthesizer gets ``output/<name>/`` (see :mod:`anomalib_synth.writer`). The gallery goes to ``gallery``
     (default ``output/gallery.png``; the extension picks the format).
@@ -68,7 +68,7 @@ def run_demo(
     num = len(photos) * per_photo
     table: dict[str, dict[str, float]] = {}
     rows = {}
-    for name in synthesizers:
+    for name in synthesizers or names(kind="classical"):
         generate(source, output / name, name, num=num, seed=seed, size=(size, size), batch_size=num,
                  device=device, progress=progress)  # fmt: skip
         # the same single batch and seed as the files, kept in memory for the figures

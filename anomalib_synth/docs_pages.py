@@ -17,29 +17,6 @@ from pathlib import Path
 from .io import write_text
 from .synthesizers import available, get_class
 
-COST = {
-    "perlin": "No network. One batched pass: two matmuls for the noise at up to 128 px, then work on the masked "
-    "pixels only. About 10x anomalib's generator in images per second (`benchmarks/classical_throughput.py`).",
-    "cutpaste": "No network. One packed `grid_sample` over the masked pixels of the whole batch.",
-    "scar": "No network. As `cutpaste`, with thin patches.",
-    "nsa": "No network. A batched coarse-to-fine membrane (Poisson) solve in a window around each patch.",
-    "anomalib-perlin": "No network. anomalib's per-image loop (the baseline of the speed ratios).",
-    "inpainting": "`2 x num_inference_steps x strength` UNet evaluations per image (classifier-free guidance), "
-    "plus one VAE encode and decode. SD 1.5 at 512 px in fp16 needs about 4 GB of GPU memory.",
-    "anomalyany": "`2 n + I g` UNet forwards and `I g` backwards per image (`n = int(N gamma)` executed steps, "
-    "`I` inner iterations, `g` guided steps, all `n` by default), plus a VAE decode and a CLIP image pass, forward "
-    "and backward, per refinement iteration. Reported in `params`. Defaults: 600 forwards, 500 backwards and 140 "
-    "decoder passes; the official loop runs about 850 forwards and 1200 backwards. Measured at 512 px in "
-    "docs/diffusion.md (Cost at full size): about 0.7 of the official loop's time, which reports 1-2 min per image "
-    "and about 30 GB on an A100.",
-    "xfusion": "`2 x num_inference_steps x strength` UNet evaluations per image (classifier-free guidance, on by "
-    "default; half that with `guidance_scale=1`), plus one CLIP image pass per reference (cached per synthesizer). "
-    "Training updates only the adapter (MIF + DDF [+ LoRA]).",
-    "anomalycontrol": "`2 x num_inference_steps x strength` UNet evaluations per image, plus, per reference (cached "
-    "per synthesizer; in training, per image), one BLIP-2 vision pass and `asea_steps` Q-Former forward/backward "
-    "passes (ASEA never backpropagates through the ViT-g).",
-}
-
 
 def _defaults(cls: type) -> str:
     rows = ["| argument | default |", "|---|---|"]
@@ -75,7 +52,7 @@ def page(name: str) -> str:
         "",
         "## Compute cost",
         "",
-        COST.get(name, "See the module docstring."),
+        cls.cost or "See the module docstring.",
         "",
     ]
     return "\n".join(parts)

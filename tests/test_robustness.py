@@ -20,12 +20,12 @@ from torchvision.transforms.v2 import Resize
 
 from anomalib_synth.generate import generate
 from anomalib_synth.io import ImageReadError, UnsupportedImageError, load_source, probe_image, read_image
-from anomalib_synth.synthesizers import get
+from anomalib_synth.synthesizers import get, names
 from anomalib_synth.synthesizers.base import RANGE_TOLERANCE
 from anomalib_synth.transforms import SynthesizeAnomaly
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-CLASSICAL = ("perlin", "cutpaste", "scar", "nsa", "anomalib-perlin")
+CLASSICAL = names(kind="classical")
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,10 @@ from anomalib_synth.synthesizers import (
     available,
     get,
     get_class,
+    names,
 )
 
-NAMES = sorted(n for n in available() if not get_class(n).requires_weights)  # diffusion: tests/test_diffusion.py
+NAMES = names(kind="classical")  # diffusion: tests/test_diffusion.py
 
 
 def test_registry_lists_every_classical_synthesizer() -> None:
@@ -318,3 +319,34 @@ def test_nsa_pastes_unblended_when_the_blend_is_invisible() -> None:
     assert with_fallback.labels.all()
     changed = (with_fallback.images - images).abs().amax(1, keepdim=True) > 0
     assert torch.equal(changed, with_fallback.masks > 0)
+
+
+def test_registry_metadata_replaces_name_lists() -> None:
+    from anomalib_synth.synthesizers import names
+
+    assert names(kind="classical") == ["anomalib-perlin", "cutpaste", "nsa", "perlin", "scar"]
+    assert names(kind="diffusion") == names(requires_weights=True) == ["anomalyany", "anomalycontrol", "inpainting",
+                                                                       "xfusion"]  # fmt: skip
+    assert {n for n in names() if get_class(n).texture_argument} == {"perlin", "anomalib-perlin"}
+    assert all(get_class(n).cost for n in names())
+
+
+def test_a_third_party_synthesizer_registers_through_an_entry_point(monkeypatch, tmp_path) -> None:
+    import importlib.metadata
+    import sys
+
+    from anomalib_synth.synthesizers import registry
+
+    (tmp_path / "my_plugin.py").write_text(
+        "from anomalib_synth.synthesizers.cutpaste import CutPasteSynthesizer\n"
+        "class Mine(CutPasteSynthesizer):\n    description = 'a plugin'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = importlib.metadata.EntryPoint("my-synth", "my_plugin:Mine", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [entry] if group == entry.group else [])
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(registry, "_LAZY", dict(registry._LAZY))
+    assert "my-synth" in registry.available()
+    out = registry.get("my-synth")(torch.rand(2, 3, 32, 32), generator=gen(0))
+    assert out.labels.all() and type(registry.get("my-synth")).__name__ == "Mine"
+    sys.modules.pop("my_plugin", None)

@@ -10,9 +10,8 @@ from .base import Params, SynthesisResult, Synthesizer, make_generator
 from .cutpaste import CutPasteSynthesizer
 from .nsa import NSASynthesizer
 from .perlin import PerlinSynthesizer
-from .registry import available, get, get_class, register, register_lazy
+from .registry import available, get, get_class, names, register, register_lazy
 from .scar import ScarSynthesizer
-
 
 # diffusion synthesizers import diffusers only when first asked for
 register_lazy("inpainting", "anomalib_synth.synthesizers.diffusion.inpainting:InpaintingSynthesizer",
@@ -37,5 +36,6 @@ __all__ = [
     "get",
     "get_class",
     "make_generator",
+    "names",
     "register",
 ]

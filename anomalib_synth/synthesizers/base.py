@@ -149,6 +149,12 @@ class Synthesizer(nn.Module):
     description: ClassVar[str] = ""
     requires_weights: ClassVar[bool] = False
     """Whether the synthesizer loads pretrained models (the diffusion ones); the classical ones run as they are."""
+    kind: ClassVar[str] = "classical"
+    """``"classical"`` (runs per batch on any device, no weights) or ``"diffusion"``."""
+    texture_argument: ClassVar[str | None] = None
+    """The constructor argument that takes an anomaly-source folder (e.g. DTD), if the synthesizer has one."""
+    cost: ClassVar[str] = ""
+    """One paragraph on the compute cost (shown in the generated docs page)."""
 
     def forward(
         self,

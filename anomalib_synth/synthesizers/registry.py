@@ -36,8 +36,41 @@ def register_lazy(name: str, target: str, description: str) -> None:
         _LAZY[name] = (target, description)
 
 
+ENTRY_POINT_GROUP = "anomalib_synth.synthesizers"
+"""Other packages register synthesizers under this entry-point group: ``name = "package.module:Class"``."""
+
+_entry_points_loaded = False
+
+
+def _load_entry_points() -> None:
+    """Register (lazily) every synthesizer that installed packages declare in :data:`ENTRY_POINT_GROUP`."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        register_lazy(entry.name, entry.value, f"(plugin {entry.value})")
+
+
+def names(kind: str | None = None, requires_weights: bool | None = None) -> list[str]:
+    """Registered names, sorted, optionally only those of ``kind`` (``"classical"``, ``"diffusion"``) or with the
+    given ``requires_weights``. Filtering imports the lazily registered classes."""
+    selected = []
+    for name in available():
+        if kind is None and requires_weights is None:
+            selected.append(name)
+            continue
+        cls = get_class(name)
+        if (kind is None or cls.kind == kind) and (requires_weights is None or cls.requires_weights == requires_weights):
+            selected.append(name)
+    return selected
+
+
 def available() -> dict[str, str]:
     """``{short name: one-line description}`` of every registered synthesizer, sorted by name."""
+    _load_entry_points()
     entries = {name: cls.description for name, cls in _REGISTRY.items()}
     entries.update({name: description for name, (_, description) in _LAZY.items()})
     return dict(sorted(entries.items()))
@@ -45,6 +78,7 @@ def available() -> dict[str, str]:
 
 def get_class(name: str) -> type[Synthesizer]:
     """The synthesizer class registered under ``name``; ``ValueError`` listing the choices otherwise."""
+    _load_entry_points()
     if name in _LAZY:
         module, _, attr = _LAZY[name][0].partition(":")
         return getattr(importlib.import_module(module), attr)

@@ -18,6 +18,9 @@ class ScarSynthesizer(CutPasteSynthesizer):
     """
 
     description = "CutPaste-scar: a thin, long, rotated patch pasted elsewhere (scratch-sized)"
+    cost = (
+        "No network. As `cutpaste`, with thin patches."
+    )
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("mode", "scar")

@@ -496,6 +496,11 @@ class AnomalyControlSynthesizer(DiffusionSynthesizer):
     """
 
     description = "AnomalyControl: text-image reference defect -> BLIP-2 features -> IP-Adapter-style SD inpainting"
+    cost = (
+        "`2 x num_inference_steps x strength` UNet evaluations per image, plus, per reference (cached "
+        "per synthesizer; in training, per image), one BLIP-2 vision pass and `asea_steps` Q-Former forward/backward "
+        "passes (ASEA never backpropagates through the ViT-g)."
+    )
     _param_keys = ("prompt", "seed", "reference")
 
     def __init__(self, references: str | Path | None = None, adapter: str | Path | None = None,
@@ -548,8 +553,7 @@ class AnomalyControlSynthesizer(DiffusionSynthesizer):
 
     def reference_features(self, indices: list[int]) -> Tensor:
         """CSM (+ ASEA) features of the references, computed once per reference and kept."""
-        from ...io import read_mask
-        from ...io import read_image, resize
+        from ...io import read_image, read_mask, resize
 
         size = self.core.csm.vlm.config.vision_config.image_size
         for i in sorted(set(indices) - set(self._features)):  # one by one: a feature never depends on the others

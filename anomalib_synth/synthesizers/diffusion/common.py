@@ -115,6 +115,7 @@ class DiffusionSynthesizer(Synthesizer):
     """
 
     requires_weights = True
+    kind = "diffusion"
     draws_masks: bool = True
     """Whether :meth:`sample_params` draws a defect mask (methods whose mask comes from the model set ``False``)."""
 

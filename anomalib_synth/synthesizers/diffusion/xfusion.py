@@ -513,6 +513,11 @@ class XFusionSynthesizer(DiffusionSynthesizer):
     """
 
     description = "AnomalyXFusion: text + mask + texture X-embedding with timestep-adaptive fusion (trained adapter)"
+    cost = (
+        "`2 x num_inference_steps x strength` UNet evaluations per image (classifier-free guidance, on by "
+        "default; half that with `guidance_scale=1`), plus one CLIP image pass per reference (cached per synthesizer). "
+        "Training updates only the adapter (MIF + DDF [+ LoRA])."
+    )
     _param_keys = ("prompt", "seed", "reference")
 
     def __init__(
@@ -579,8 +584,7 @@ class XFusionSynthesizer(DiffusionSynthesizer):
 
     def reference_textures(self, indices: list[int]) -> Tensor:
         """CLIP embeddings of ``reference * its mask`` (Eq. 3), computed once per reference and kept."""
-        from ...io import read_mask
-        from ...io import read_image, resize
+        from ...io import read_image, read_mask, resize
 
         size = (self.resolution, self.resolution)
         for i in sorted(set(indices) - set(self._textures)):
