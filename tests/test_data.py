@@ -13,7 +13,7 @@ from tiny_data import folder_datamodule, make_folder_dataset
 
 from anomalib_synth.data import SyntheticAnomalyDataModule, SynthesizerAugmenter, build_cache, swap_augmenter
 from anomalib_synth.data.cache import COMPLETE, cache_key
-from anomalib_synth.synthesizers import get
+from anomalib_synth.synthesizers import get, get_class
 from anomalib_synth.writer import MANIFEST, MVTecWriter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -237,6 +237,38 @@ def test_cache_key_changes_with_every_setting(tiny_root) -> None:
         cache_key(get("nsa"), sources, 1, 0, (32, 32)),
     }
     assert base not in others and len(others) == 6
+
+
+# a valid non-default value for every constructor argument of the classical synthesizers
+ALTERNATIVES = {
+    "area_range": (0.05, 0.1), "beta": (0.4, 0.9), "foreground": "auto", "max_textures": 8, "min_area": 0.01,
+    "n_augment": 2, "rotation": (-10.0, 10.0), "scale_range": (1, 3), "texture_dir": "TEXTURES", "texture_size": 64,
+    "threshold": 0.6, "aspect_range": (0.5, 2.0), "jitter": 0.2, "mode": "scar", "num_defects": (1, 2),
+    "scar_height": (12.0, 20.0), "scar_width": (3.0, 9.0), "source": "other", "change_threshold": 0.05,
+    "min_visible": 0.1, "patch_size": (0.2, 0.3), "scale": (0.8, 1.2), "sweeps": 3,
+}  # fmt: skip
+
+
+def test_cache_key_changes_with_every_constructor_argument(tiny_root, tmp_path) -> None:
+    from anomalib_synth.synthesizers import names
+    from anomalib_synth.synthesizers.registry import constructor_arguments
+
+    textures = make_folder_dataset(tmp_path / "textures") / "good"
+    sources = _sources(tiny_root)
+    for name in names(kind="classical"):
+        synth = get(name)
+        arguments = set(constructor_arguments(type(synth)) or []) - set(synth.config_ignore)
+        if name == "scar":  # ScarSynthesizer passes everything on to CutPaste's constructor
+            arguments = set(constructor_arguments(get_class("cutpaste")))
+        assert set(synth.config()) == arguments, name
+        base = cache_key(synth, sources, 1, 0, (64, 64))
+        for argument in arguments:
+            value = ALTERNATIVES[argument]
+            value = str(textures) if value == "TEXTURES" else value
+            if name == "scar" and argument == "mode":
+                value = "normal"
+            changed = get(name, **{argument: value})
+            assert cache_key(changed, sources, 1, 0, (64, 64)) != base, f"{name}.{argument}"
 
 
 def test_synthesizer_augmenter_follows_anomalib_generator_contract() -> None:

@@ -413,6 +413,19 @@ def test_anomalyany_in_datamodule_cache_mode(tiny, tmp_path) -> None:
     assert bool(item.gt_label) and item.gt_mask.any()
 
 
+def test_diffusion_configs_record_every_argument_that_changes_pixels(tiny) -> None:
+    from anomalib_synth.data.cache import cache_key
+    from anomalib_synth.synthesizers.registry import constructor_arguments
+
+    kwargs = {"model": tiny["sd"], "clip_model": tiny["clip"], "category": "bottle"}
+    synth = get("anomalyany", **kwargs)
+    config = synth.config()
+    expected = set(constructor_arguments(type(synth))) - set(synth.config_ignore)
+    assert expected <= set(config) and "attention_slicing" in config and "device" not in config
+    sliced = get("anomalyany", attention_slicing=True, **kwargs)
+    assert cache_key(sliced, ["a.png"], 1, 0, (64, 64)) != cache_key(synth, ["a.png"], 1, 0, (64, 64))
+
+
 def test_anomalyany_attention_slicing_gives_the_same_image(anomalyany, tiny, photos) -> None:
     sliced = get("anomalyany", model=tiny["sd"], clip_model=tiny["clip"], category="bottle", attention_slicing=True,
                  device="cpu", **FAST)  # fmt: skip

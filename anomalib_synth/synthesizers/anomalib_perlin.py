@@ -13,7 +13,6 @@ Grayscale images are expanded to 3 channels for anomalib's colour augmentations 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,9 +68,6 @@ class AnomalibPerlinSynthesizer(Synthesizer):
                 blend_factor=self.beta,
                 rotation_range=self.rotation,
             )
-
-    def config(self) -> dict[str, Any]:
-        return {"texture_dir": self.texture_dir, "beta": list(self.beta), "rotation": list(self.rotation)}
 
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
         if min(images.shape[-2:]) < MIN_SIDE:

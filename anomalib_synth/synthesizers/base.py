@@ -15,7 +15,11 @@ Convention:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -192,9 +196,24 @@ class Synthesizer(nn.Module):
         """Apply drawn ``params`` to ``images`` deterministically."""
         raise NotImplementedError
 
+    config_ignore: ClassVar[tuple[str, ...]] = ("device", "local_files_only", "progress")
+    """Constructor arguments that do not change the output (left out of :meth:`config` and so of cache keys)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Record the constructor arguments of every subclass (as diffusers' ``register_to_config`` does)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_records_config", False):
+            cls.__init__ = _recording(init)  # type: ignore[method-assign]
+
     def config(self) -> dict[str, Any]:
-        """JSON-serialisable constructor arguments (recorded in manifests and cache hashes)."""
-        return {}
+        """JSON-serialisable constructor arguments, defaults included (recorded in manifests and cache keys).
+
+        Recorded automatically from every ``__init__`` in the class chain: the outermost value of an argument wins,
+        arguments a subclass passes on through ``**kwargs`` are recorded where they are named.
+        """
+        recorded = self.__dict__.get("_init_config", {})
+        return {k: _jsonable(v) for k, v in sorted(recorded.items()) if k not in self.config_ignore}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -218,6 +237,42 @@ class Synthesizer(nn.Module):
             labels=labels,
             params=params_to_json(params, keys, images.shape[0]),
         )
+
+
+def _recording(init: Any) -> Any:
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def recording_init(self: Synthesizer, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        recorded = self.__dict__.setdefault("_init_config", {})  # plain attribute: set before nn.Module's __init__
+        for name, parameter in signature.parameters.items():
+            if name != "self" and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                recorded.setdefault(name, bound.arguments[name])
+        init(self, *args, **kwargs)
+
+    recording_init._records_config = True  # type: ignore[attr-defined]
+    return recording_init
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON-friendly, stable form of a constructor argument (no memory addresses)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (Path, torch.dtype, torch.device)):
+        return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else str(value)
+    if isinstance(value, Synthesizer):
+        return {"synthesizer": value.name or type(value).__name__, "config": value.config()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, Tensor):
+        return value.tolist() if value.numel() <= 64 else f"tensor{tuple(value.shape)}"
+    return type(value).__name__
 
 
 def params_to_json(params: Params, keys: tuple[str, ...], batch_size: int) -> list[dict[str, Any]]:

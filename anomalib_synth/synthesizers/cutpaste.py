@@ -20,7 +20,6 @@ Departures from the paper, and why:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,20 +113,6 @@ class CutPasteSynthesizer(Synthesizer):
         self.jitter = float(jitter)
         self.num_defects = check_int_range("num_defects", num_defects, 1, 64)
         self.foreground = check_foreground_mode(foreground)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "source": self.source,
-            "area_range": list(self.area_range),
-            "aspect_range": list(self.aspect_range),
-            "scar_width": list(self.scar_width),
-            "scar_height": list(self.scar_height),
-            "rotation": list(self.rotation),
-            "jitter": self.jitter,
-            "num_defects": list(self.num_defects),
-            "foreground": self.foreground,
-        }
 
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
         b, _, h, w = images.shape

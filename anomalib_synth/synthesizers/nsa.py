@@ -24,7 +24,6 @@ Departures from the paper and its code (hmsch/natural-synthetic-anomalies), and 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,17 +86,6 @@ class NSASynthesizer(Synthesizer):
             msg = f"min_visible must be in [0, 1], got {min_visible}"
             raise ValueError(msg)
         self.min_visible = float(min_visible)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "patch_size": list(self.patch_size),
-            "scale": list(self.scale),
-            "num_defects": list(self.num_defects),
-            "change_threshold": self.change_threshold,
-            "foreground": self.foreground,
-            "sweeps": self.sweeps,
-            "min_visible": self.min_visible,
-        }
 
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
         b, _, h, w = images.shape

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -234,21 +233,6 @@ class PerlinSynthesizer(Synthesizer):
         self.register_buffer("textures", textures, persistent=False)
         extremes = torch.stack(torch.aminmax(textures.flatten(2).float() / 255, dim=-1), 1)  # [N, 2, 3]
         self.register_buffer("texture_range", extremes, persistent=False)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "texture_dir": self.texture_dir,
-            "beta": list(self.beta),
-            "scale_range": list(self.scale_range),
-            "threshold": self.threshold,
-            "area_range": None if self.area_range is None else list(self.area_range),
-            "rotation": list(self.rotation),
-            "n_augment": self.n_augment,
-            "min_area": self.min_area,
-            "foreground": self.foreground,
-            "texture_size": self.texture_size,
-            "max_textures": self.max_textures,
-        }
 
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
         b, device = images.shape[0], images.device

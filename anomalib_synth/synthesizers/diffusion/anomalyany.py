@@ -261,17 +261,6 @@ class AnomalyAnySynthesizer(DiffusionSynthesizer):
             self.unet.set_attention_slice("auto")
         self._loaded()
 
-    def config(self) -> dict[str, Any]:
-        keys = ("model", "clip_model", "num_inference_steps", "gamma", "guidance_scale", "attention_res",
-                "attention_steps", "inner_steps", "lr", "lr_decay", "lr_min", "attention_schedule", "attention_scale",
-                "attention_decay", "refine_fraction", "image_loss_weight", "image_loss_input", "prompt_loss_weight",
-                "prompt_lr", "token_scale", "mask_threshold", "mask_blending", "paste_back")  # fmt: skip
-        config = {key: getattr(self, key) for key in keys}
-        config["localized_range"] = None if self.localized_range is None else list(self.localized_range)
-        config["smoothing"] = list(self.smoothing)
-        config["torch_dtype"] = str(self.torch_dtype).removeprefix("torch.")
-        return {**config, **self._base_config()}
-
     # -- schedule -------------------------------------------------------------------------------------------------
 
     def make_scheduler(self) -> Any:

@@ -531,15 +531,6 @@ class AnomalyControlSynthesizer(DiffusionSynthesizer):
     def _unet_and_vae(self) -> tuple[Any, Any]:
         return self.core.unet, self.core.vae
 
-    def config(self) -> dict[str, Any]:
-        return {"adapter": self.adapter_path, "references": self.references_path, "base_model": self.core.base_model,
-                "vlm": self.core.vlm_name, "num_inference_steps": self.num_inference_steps,
-                "guidance_scale": self.guidance_scale, "strength": self.strength, "scale": self.scale,
-                "blur_sigma": self.blur_sigma, "asea_steps": self.core.csm.asea.steps, "asea_lr": self.core.csm.asea.lr,
-                "negative_prompt": self.negative_prompt,
-                "torch_dtype": str(resolve_dtype(self.torch_dtype)).removeprefix("torch."),
-                **self._base_config()}  # fmt: skip
-
     @property
     def source_images(self) -> list[str]:
         """Images this synthesizer has seen: its adapter's training images and its references."""

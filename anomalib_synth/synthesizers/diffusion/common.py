@@ -164,19 +164,6 @@ class DiffusionSynthesizer(Synthesizer):
     def _unet_and_vae(self) -> tuple[Any, Any]:
         return self.unet, self.vae
 
-    def _base_config(self) -> dict[str, Any]:
-        custom = [vars(p) for p in self.prompts] if self._explicit_prompts else None
-        return {
-            "category": self.category,
-            "object_name": self.object_name,
-            "defects": self.defects,
-            "captions": self.captions,
-            "prompts": custom,
-            "foreground": self.foreground,
-            "mask_area": list(self.mask_area),
-            "resolution": self.resolution,
-        }
-
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
         b, device = images.shape[0], images.device
         fg = resolve_foreground(images, fg_masks, self.foreground)

@@ -89,17 +89,6 @@ class InpaintingSynthesizer(DiffusionSynthesizer):
         self.unet, self.vae, self.text_encoder = self.pipeline.unet, self.pipeline.vae, self.pipeline.text_encoder
         self._loaded()
 
-    def config(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "strength": self.strength,
-            "negative_prompt": self.negative_prompt,
-            "torch_dtype": str(self.torch_dtype).removeprefix("torch."),
-            **self._base_config(),
-        }
-
     def apply(self, images: Tensor, params: Params) -> SynthesisResult:
         size = self.resolution
         masks = params["mask"]

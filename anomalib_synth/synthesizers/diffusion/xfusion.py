@@ -569,12 +569,6 @@ class XFusionSynthesizer(DiffusionSynthesizer):
         trained = [e["image"] for e in (self.core.adapter.training_data or {}).get("images", [])]
         return list(dict.fromkeys([*trained, *(e["image"] for e in self.references)]))
 
-    def config(self) -> dict[str, Any]:
-        return {"adapter": self.adapter_path, "base_model": self.core.base_model, "clip_model": self.core.clip_model,
-                "references": self.references_path, "num_inference_steps": self.num_inference_steps,
-                "strength": self.strength, "guidance_scale": self.guidance_scale, "torch_dtype": self.torch_dtype,
-                **self._base_config()}  # fmt: skip
-
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
         from ..ops import randint
 
