@@ -557,3 +557,12 @@ def test_old_callback_name_still_works_with_a_deprecation_warning() -> None:
     with pytest.warns(DeprecationWarning, match="SynthesizerSwap"):
         callback = UseSynthesizer("nsa", probability=1.0)
     assert isinstance(callback, SynthesizerSwap) and callback.probability == 1.0
+
+
+def test_anomalib_split_names_map_onto_the_wrapper(tiny_root, tmp_path) -> None:
+    dm = _wrap(tiny_root, tmp_path, val_split_mode="synthetic", val_split_ratio=0.5, test_split_mode="synthetic")
+    assert dm.synthetic_val is True and dm.val_ratio == 0.5 and dm.synthetic_test is True
+    dm = _wrap(tiny_root, tmp_path, val_split_mode="none", test_split_mode="from_dir")
+    assert dm.synthetic_val is False and dm.synthetic_test is False
+    with pytest.raises(ValueError, match="from_train"):
+        _wrap(tiny_root, tmp_path, val_split_mode="from_train")

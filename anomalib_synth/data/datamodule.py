@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base import AnomalibDataset
+from anomalib.data.utils import TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Resize
 
 from ..io import ON_ERROR, RAISE, ImageReadError, UnsupportedImageError, probe_image
@@ -22,6 +23,29 @@ from .cache import build_cache, records_to_samples
 logger = logging.getLogger(__name__)
 
 MODES = ("online", "cache")
+
+
+def _anomalib_split_names(
+    val_split_mode: ValSplitMode | str | None,
+    val_split_ratio: float | None,
+    test_split_mode: TestSplitMode | str | None,
+    synthetic_val: bool | None,
+    synthetic_test: bool,
+    val_ratio: float,
+) -> tuple[bool | None, bool, float]:
+    """anomalib's split arguments -> this wrapper's ``synthetic_val``, ``synthetic_test`` and ``val_ratio``."""
+    if val_split_mode is not None:
+        mode = ValSplitMode(val_split_mode)
+        if mode not in (ValSplitMode.SYNTHETIC, ValSplitMode.NONE):
+            msg = (
+                f"val_split_mode={mode.value!r}: the wrapper makes a 'synthetic' split or 'none'; give other modes "
+                "to the wrapped datamodule"
+            )
+            raise ValueError(msg)
+        synthetic_val = mode == ValSplitMode.SYNTHETIC
+    if test_split_mode is not None:
+        synthetic_test = TestSplitMode(test_split_mode) == TestSplitMode.SYNTHETIC
+    return synthetic_val, synthetic_test, val_ratio if val_split_ratio is None else float(val_split_ratio)
 
 
 def _model_resize(module: AnomalibDataModule) -> tuple[int, int] | None:
@@ -83,6 +107,13 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         image_size (tuple[int, int] | None): size of images synthesized to disk; ``None`` uses the model's
             ``Resize`` (or 256). Defaults to ``None``.
         synthesis_batch_size (int): batch size of on-disk synthesis. Defaults to ``16``.
+        val_split_mode (ValSplitMode | str | None): anomalib's name for the validation split: ``"synthetic"`` (held-out
+            normal images plus synthetic anomalies of them) or ``"none"``; ``None`` decides as ``synthetic_val=None``.
+            Defaults to ``None``.
+        val_split_ratio (float | None): anomalib's name for ``val_ratio``. Defaults to ``None``.
+        test_split_mode (TestSplitMode | str | None): ``"synthetic"`` adds synthetic anomalies of the normal test
+            images (real anomalies are kept); ``"from_dir"`` / ``"none"`` keep the wrapped test set. Defaults to
+            ``None`` (as ``synthetic_test``).
         on_bad_file (str): ``"skip"`` image or mask files that cannot be read (with a warning naming each), or
             ``"raise"``. Files anomalib's reader would misread (16-bit grayscale) always raise. Defaults to
             ``"skip"``.
@@ -104,6 +135,9 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         image_size: tuple[int, int] | None = None,
         synthesis_batch_size: int = 16,
         on_bad_file: Literal["skip", "raise"] = "skip",
+        val_split_mode: ValSplitMode | str | None = None,
+        val_split_ratio: float | None = None,
+        test_split_mode: TestSplitMode | str | None = None,
     ) -> None:
         super().__init__(
             train_batch_size=datamodule.train_batch_size,
@@ -123,6 +157,9 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         if on_bad_file not in ON_ERROR:
             msg = f"on_bad_file must be one of {ON_ERROR}, got {on_bad_file!r}"
             raise ValueError(msg)
+        synthetic_val, synthetic_test, val_ratio = _anomalib_split_names(
+            val_split_mode, val_split_ratio, test_split_mode, synthetic_val, synthetic_test, val_ratio
+        )
         if variants_per_image < 1:
             msg = f"variants_per_image must be >= 1, got {variants_per_image}"
             raise ValueError(msg)
