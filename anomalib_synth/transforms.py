@@ -22,6 +22,19 @@ def _plain(value: Tensor) -> Tensor:
     return value.as_subclass(Tensor) if isinstance(value, tv_tensors.TVTensor) else value
 
 
+ROUNDING = 1e-4
+"""How far outside ``[0, 1]`` float rounding leaves images (an antialiased resize, GLASS's de-normalisation)."""
+
+
+def _clamp_rounding(images: Tensor) -> Tensor:
+    """Clamp values within :data:`ROUNDING` of ``[0, 1]``; anything further out is left for the synthesizer's check
+    (e.g. normalised images)."""
+    lo, hi = (float(v) for v in torch.aminmax(images))
+    if -ROUNDING <= lo and hi <= 1 + ROUNDING and (lo < 0 or hi > 1):
+        return images.clamp(0, 1)
+    return images
+
+
 def synthesize_batch(
     synthesizer: Synthesizer,
     images: Tensor,
@@ -51,7 +64,7 @@ def synthesize_batch(
     if index.numel() == 0:
         return images, masks, labels
     synthesizer.to(images.device)  # a no-op when it is already there
-    result = synthesizer(images[index], generator=generator)
+    result = synthesizer(_clamp_rounding(images[index]), generator=generator)
     images = images.clone()
     images[index] = result.images
     masks[index] |= result.masks.bool()
