@@ -241,3 +241,15 @@ def test_no_backbone_drops_the_patchcore_control_and_refuses_detector_protocols(
     with pytest.raises(ValueError, match="pretrained backbone"):
         config.validate()
     assert config.budget("glass").image_size == 256 and config.budget("segmentation").image_size == 128
+
+
+def test_a_mix_of_synthesizers_draws_one_per_sample(photos) -> None:
+    from anomalib_synth.evaluation.protocols import make_synthesizer
+
+    mix = make_synthesizer("cutpaste+scar", None)
+    images = photos.repeat(4, 1, 1, 1)
+    out = mix(images, generator=torch.Generator().manual_seed(0))
+    again = mix(images, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.images, again.images) and out.labels.all()
+    assert {p["member"] for p in out.params} == {"cutpaste", "scar"}
+    assert out.masks.shape == (16, 1, 96, 96) and out.images.shape == images.shape

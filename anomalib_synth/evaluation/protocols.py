@@ -37,6 +37,7 @@ from torch import Tensor
 from ..synthesizers import Synthesizer, get
 from ..transforms import synthesize_batch
 from .base import CONTROLS, Budget, Outcome, Protocol, RunContext, register_protocol
+from .mix import SEPARATOR, MixSynthesizer
 from .unet import UNet
 
 __all__ = ["CONTROLS", "Budget", "anomalib_model", "draem", "make_synthesizer", "segmentation", "shot_difference"]
@@ -47,10 +48,13 @@ PLACES_ON_OBJECT = ("perlin", "cutpaste", "scar", "nsa")
 
 
 def make_synthesizer(name: str, texture_dir: str | None, **kwargs: Any) -> Synthesizer:
-    """Build ``name``, giving ``texture_dir`` to every synthesizer that takes an anomaly source.
+    """Build ``name``, giving ``texture_dir`` to every synthesizer that takes an anomaly source; ``a+b+c`` is a
+    per-sample mix of them (:class:`~.mix.MixSynthesizer`).
 
     Ours place defects on the estimated object (``foreground="auto"``); anomalib's baseline has no such option.
     """
+    if SEPARATOR in name:  # a per-sample mix, e.g. "perlin+cutpaste+nsa"
+        return MixSynthesizer([make_synthesizer(part, texture_dir, **kwargs) for part in name.split(SEPARATOR)])
     if texture_dir is not None and name in ("perlin", "anomalib-perlin"):
         kwargs.setdefault("texture_dir", texture_dir)
     if name in PLACES_ON_OBJECT:

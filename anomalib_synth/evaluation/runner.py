@@ -104,7 +104,7 @@ class EvalConfig:
         from ..synthesizers import available
 
         names = set(available()) | {"none"}
-        bad = sorted(set(self.synthesizers) - names)
+        bad = sorted({part for s in self.synthesizers for part in s.split("+")} - names)
         if bad:
             msg = f"unknown synthesizer(s) {bad}; available: {', '.join(sorted(names))}"
             raise ValueError(msg)
