@@ -244,7 +244,7 @@ class GlassProtocol(Protocol):
     """GLASS with its image-level augmentor swapped for each synthesizer; ``anomalib-perlin`` is stock GLASS."""
 
     name = "glass"
-    budget = Budget(steps=30, batch_size=2, lr=1e-4, anomaly_ratio=1.0, image_size=256)
+    budget = Budget(steps=24, batch_size=2, lr=1e-4, anomaly_ratio=1.0, image_size=256)
     needs_backbone = True
     description = "GLASS with its augmentor swapped for each synthesizer (anomalib-perlin: stock GLASS)"
 

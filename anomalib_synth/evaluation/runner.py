@@ -122,16 +122,25 @@ RUN_SETTINGS = ("data_root", "shots", "image_size", "texture_dir", "budgets", "m
 def check_settings(config: EvalConfig, output: Path) -> None:
     """Record the run-defining settings in ``output/settings.json``, or refuse to mix runs made with others."""
     settings = {key: asdict(config)[key] for key in RUN_SETTINGS}
+    # the budgets each protocol runs with, defaults included: a resume with other defaults (code) is refused too
+    settings["resolved_budgets"] = {p: asdict(config.budget(p)) for p in sorted(config.protocols)}
     path = output / "settings.json"
     if path.is_file():
         previous = json.loads(path.read_text())
+        resolved = previous.get("resolved_budgets", {})
         changed = sorted(k for k in RUN_SETTINGS if previous.get(k) != json.loads(json.dumps(settings[k])))
+        changed += [f"budget of {p}" for p, b in settings["resolved_budgets"].items() if p in resolved
+                    and resolved[p] != json.loads(json.dumps(b))]  # fmt: skip
         if changed:
             msg = (
                 f"{output} holds runs made with other settings ({', '.join(changed)}); "
                 "use another output folder or delete it"
             )
             raise ValueError(msg)
+        missing = {p: b for p, b in settings["resolved_budgets"].items() if p not in resolved}
+        if missing:  # protocols added to an evaluation: record their budgets too
+            previous["resolved_budgets"] = {**resolved, **missing}
+            write_text(path, json.dumps(previous, indent=1))
         return
     write_text(path, json.dumps(settings, indent=1))
 
@@ -238,7 +247,7 @@ def evaluate(config: EvalConfig, output: str | Path, progress: bool = True) -> d
     with tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="evaluate", unit="run", disable=not progress) as bar:
         if config.workers > 1 and len(todo) > 1:
             context = mp.get_context("spawn")
-            with context.Pool(config.workers, maxtasksperchild=12) as pool:
+            with context.Pool(config.workers, maxtasksperchild=32) as pool:
                 for record in pool.imap_unordered(_work, args):
                     bar.set_postfix_str(f"{record['category']}/{record['method']}/{record['seed']}")
                     bar.update(1)
