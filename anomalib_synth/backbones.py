@@ -139,7 +139,7 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
         raise BackboneWeightsError(msg)
     try:
         state = load_state_dict(str(path), weights_only=True)
-    except Exception as err:  # noqa: BLE001  (pickle, zip, safetensors header errors all mean the same here)
+    except Exception as err:
         msg = f"cannot read {path} as a weights file (.pth/.pt/.bin state dict or .safetensors): {err}"
         raise BackboneWeightsError(msg) from err
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
@@ -395,7 +395,7 @@ def check_pretrained(backbone: str, offline: bool | None = None) -> str:
     raise BackboneWeightsError(msg + _hint(backbone))
 
 
-def _cached_download(cfg) -> str | None:  # noqa: ANN001
+def _cached_download(cfg) -> str | None:
     if cfg.hf_hub_id:
         try:
             from huggingface_hub import try_to_load_from_cache

@@ -108,7 +108,7 @@ class Protocol:
         if method == "control-patchcore":
             from .detectors import patchcore_maps
 
-            maps, scores = patchcore_maps(ctx)
+            maps, _ = patchcore_maps(ctx)
             return Outcome(maps)
         return self.train(method, ctx)
 

@@ -179,13 +179,13 @@ class LossRecorder(Callback):
         super().__init__()
         self.losses: list[float] = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
             self.losses.append(float(loss))
 
 
-def _train(model, ctx: RunContext, datamodule, callbacks: list, workdir: Path) -> tuple[Tensor, list[float], dict]:  # noqa: ANN001
+def _train(model, ctx: RunContext, datamodule, callbacks: list, workdir: Path) -> tuple[Tensor, list[float], dict]:
     """Fit ``model`` for ``budget.steps`` one-batch epochs with the backbone cache; test maps, losses and stats."""
     cache = FeatureCache()
     if ctx.config.feature_cache:

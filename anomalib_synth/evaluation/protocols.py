@@ -137,7 +137,7 @@ def shots_datamodule(shot_paths: list[Path], repeats: int, batch_size: int, leng
         def _create_test_split(self) -> None:  # the real test set is scored outside anomalib
             pass
 
-        def val_dataloader(self):  # noqa: ANN202
+        def val_dataloader(self):
             return []
 
         @property

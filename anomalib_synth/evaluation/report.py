@@ -129,24 +129,28 @@ def write_report(config: Any, records: list[dict[str, Any]], output: Path, machi
     shots_from_test = sorted({r["category"] for r in records if r["shots_from_test"]})
     sizes = sorted({r.get("image_size", config.image_size) for r in records})
     backbone = (f"`{config.backbone}`, layers `{','.join(config.layers)}`" if config.backbone else "none")
-    lines = [
-        f"# k-shot evaluation ({config.shots}-shot, {len(config.seeds)} seeds, {'/'.join(map(str, sizes))} px)",
-        "",
-        f"Machine: {machine}. Data: `{config.data_root}`. Backbone of the anomalib detectors: {backbone}. Textures: "
-        + (f"`{config.texture_dir}` (given to every synthesizer that takes an anomaly source)" if config.texture_dir
-           else "none (each synthesizer's own fallback source)"),  # fmt: skip
-        "",
+    textures = (f"`{config.texture_dir}` (given to every synthesizer that takes an anomaly source)"
+                if config.texture_dir else "none (each synthesizer's own fallback source)")  # fmt: skip
+    legend = (
         "Cells are mean ± std over seeds. Reference rows, trained on no synthetic anomalies: `control-untrained` "
         "(the protocol's network without training), `control-shot-diff` (blurred absolute difference to the nearest "
         "shot), `control-patchcore` (anomalib's PatchCore with the shots as memory bank, same backbone and size), "
         "`ssn-default` (stock unsupervised SuperSimpleNet), `threshold-default` / `threshold-oracle` (PatchCore's "
         "image threshold from anomalib's fallback without anomalous validation / the best one on the test set); "
         f"`{BASELINE}` is anomalib's own generator. A synthesizer helps only where it beats them. Do not read gaps "
-        "smaller than the std as a ranking.",
+        "smaller than the std as a ranking."
+    )
+    lines = [
+        f"# k-shot evaluation ({config.shots}-shot, {len(config.seeds)} seeds, {'/'.join(map(str, sizes))} px)",
+        "",
+        (f"Machine: {machine}. Data: `{config.data_root}`. Backbone of the anomalib detectors: {backbone}. "
+         f"Textures: {textures}"),
+        "",
+        legend,
     ]
     if shots_from_test:
-        lines += ["", f"No `train/good` in {', '.join(shots_from_test)}: shots drawn from `test/good` and removed "
-                      "from the test set; synthetic validation splits use the shots as normal images."]  # fmt: skip
+        lines += ["", (f"No `train/good` in {', '.join(shots_from_test)}: shots drawn from `test/good` and removed "
+                       "from the test set; synthetic validation splits use the shots as normal images.")]  # fmt: skip
     for name, table in tables.items():
         protocol = get_protocol(name)
         budget = config.budget(name)

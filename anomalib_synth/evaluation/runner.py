@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from torchvision.utils import make_grid
+from tqdm.auto import tqdm
 
 from ..io import write_png, write_text
 from . import detectors, protocols  # noqa: F401  (register the protocols)
