@@ -122,7 +122,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         model_args=_parse_options(args.model_arg),
         workers=args.workers,
         backbone=args.backbone,
-        layers=split(args.layers),
+        layers=split(args.layers) or None,
         backbone_weights=_backbone_weights(args.backbone_weights),
     )
     start = time.perf_counter()
@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--backbone", default="efficientnet_lite0.local",
                    help="timm backbone of PatchCore/SuperSimpleNet/GLASS and control-patchcore ('none': no such rows)")
-    p.add_argument("--layers", default="blocks.2,blocks.4", help="backbone layers (comma-separated)")
+    p.add_argument("--layers", default="", help="backbone layers, comma-separated (default: blocks.1,blocks.2 for "
+                   "PatchCore, blocks.2,blocks.4 for SuperSimpleNet and GLASS)")
     p.add_argument("--backbone-weights", action="append", default=[], metavar="NAME=PATH",
                    help="register a local weights file as timm's pretrained NAME (e.g. resnet18.local=r18.pth)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")

@@ -13,8 +13,9 @@
   (:class:`~anomalib_synth.data.UseSynthesizer`, probability 1 as GLASS calls it); ``anomalib-perlin`` is stock
   GLASS (its own ``PerlinAnomalyGenerator``, given the same textures).
 
-Backbone: the evaluation's ``backbone`` / ``layers`` (default ``efficientnet_lite0.local``, ``blocks.2,blocks.4``,
-registered from a local file: :mod:`anomalib_synth.backbones`). The frozen backbone's features of each image are
+Backbone: the evaluation's ``backbone`` (default ``efficientnet_lite0.local``, registered from a local file:
+:mod:`anomalib_synth.backbones`); layers ``blocks.1,blocks.2`` for PatchCore and ``blocks.2,blocks.4`` for
+SuperSimpleNet and GLASS unless the evaluation sets ``layers``. The frozen backbone's features of each image are
 cached within a run (:mod:`.features`): the shot is seen in every batch.
 
 Each run of SuperSimpleNet and GLASS trains for ``budget.steps`` batches (one batch per epoch, so that
@@ -66,7 +67,7 @@ def fit_patchcore(ctx: RunContext, cache: FeatureCache | None = None):
     from anomalib.models import Patchcore
 
     torch.manual_seed(ctx.seed)
-    model = Patchcore(backbone=ctx.config.backbone, layers=list(ctx.config.layers), pre_trained=True,
+    model = Patchcore(backbone=ctx.config.backbone, layers=ctx.config.layers_for("patchcore"), pre_trained=True,
                       coreset_sampling_ratio=1.0, pre_processor=Patchcore.configure_pre_processor(image_size=ctx.size))
     if cache is not None:
         cache_frozen_features(model, cache)
@@ -222,7 +223,7 @@ class SupersimplenetProtocol(Protocol):
 
         seed_everything(ctx.seed, workers=True, verbose=False)
         supervised = method != "ssn-default"
-        model = Supersimplenet(backbone=ctx.config.backbone, layers=list(ctx.config.layers), supervised=supervised,
+        model = Supersimplenet(backbone=ctx.config.backbone, layers=ctx.config.layers_for("supersimplenet"), supervised=supervised,
                                pre_processor=Supersimplenet.configure_pre_processor(image_size=ctx.size))  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             datamodule = shots_datamodule(ctx.shot_paths, 1, ctx.budget.batch_size, length=_rows(ctx))
@@ -256,7 +257,7 @@ class GlassProtocol(Protocol):
 
         seed_everything(ctx.seed, workers=True, verbose=False)
         stock = method == "anomalib-perlin"
-        model = Glass(input_shape=ctx.size, backbone=ctx.config.backbone, layers=list(ctx.config.layers),
+        model = Glass(input_shape=ctx.size, backbone=ctx.config.backbone, layers=ctx.config.layers_for("glass"),
                       pre_trained=True, learning_rate=ctx.budget.lr,
                       anomaly_source_path=ctx.texture_dir if stock else None,
                       pre_processor=Glass.configure_pre_processor(image_size=ctx.size), **GLASS_ARGS)  # fmt: skip

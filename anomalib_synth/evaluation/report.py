@@ -128,7 +128,12 @@ def write_report(config: Any, records: list[dict[str, Any]], output: Path, machi
     write_text(output / "results.json", json.dumps(results, indent=1))
     shots_from_test = sorted({r["category"] for r in records if r["shots_from_test"]})
     sizes = sorted({r.get("image_size", config.image_size) for r in records})
-    backbone = (f"`{config.backbone}`, layers `{','.join(config.layers)}`" if config.backbone else "none")
+    backbone = "none"
+    if config.backbone:
+        patchcore, others = ",".join(config.layers_for("patchcore")), ",".join(config.layers_for("glass"))
+        backbone = f"`{config.backbone}`, layers `{patchcore}`"
+        if others != patchcore:
+            backbone += f" (PatchCore) and `{others}` (SuperSimpleNet, GLASS)"
     textures = (f"`{config.texture_dir}` (given to every synthesizer that takes an anomaly source)"
                 if config.texture_dir else "none (each synthesizer's own fallback source)")  # fmt: skip
     legend = (

@@ -25,7 +25,11 @@ from .scores import METRICS, evaluate_maps, normalise
 DEFAULT_BUDGETS = {name: protocol.budget for name, protocol in REGISTRY.items()}
 PREVIEW = 6  # test images per category kept (at 64 px) for the report's strips
 DEFAULT_BACKBONE = "efficientnet_lite0.local"
-DEFAULT_LAYERS = ("blocks.2", "blocks.4")
+PATCHCORE_LAYERS = ("blocks.1", "blocks.2")
+"""PatchCore's default layers on EfficientNet-Lite0 (strides 4 and 8: finer maps; measured stronger than
+``blocks.2,blocks.4`` on every category, see docs/results.md), so that ``control-patchcore`` is a strong control."""
+DETECTOR_LAYERS = ("blocks.2", "blocks.4")
+"""SuperSimpleNet's and GLASS's default layers (strides 8 and 16, like their WideResNet ``layer2,layer3``)."""
 
 
 @dataclass
@@ -45,7 +49,7 @@ class EvalConfig:
     model_args: dict[str, Any] = field(default_factory=dict)
     workers: int = 2
     backbone: str | None = DEFAULT_BACKBONE
-    layers: list[str] = field(default_factory=lambda: list(DEFAULT_LAYERS))
+    layers: list[str] | None = None  # None: PATCHCORE_LAYERS for PatchCore, DETECTOR_LAYERS for the others
     backbone_weights: dict[str, str] = field(default_factory=dict)
     feature_cache: bool = True  # per-image cache of the frozen backbone's features within a run (same results)
 
@@ -55,6 +59,12 @@ class EvalConfig:
         if self.image_size is not None:
             base["image_size"] = self.image_size
         return Budget(**{**base, **self.budgets.get(protocol, {})})
+
+    def layers_for(self, model: str) -> list[str]:
+        """The backbone layers of ``model`` (``"patchcore"`` or another detector): ``layers`` if set."""
+        if self.layers:
+            return list(self.layers)
+        return list(PATCHCORE_LAYERS if model == "patchcore" else DETECTOR_LAYERS)
 
     def size(self, protocol: str) -> tuple[int, int]:
         side = self.budget(protocol).image_size or 256
