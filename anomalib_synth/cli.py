@@ -150,6 +150,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         model=args.model,
         model_args=_parse_options(args.model_arg),
         workers=args.workers,
+        backbone=args.backbone,
+        layers=split(args.layers) or None,
+        backbone_weights=_backbone_weights(args.backbone_weights),
     )
     start = time.perf_counter()
     evaluate(config, args.output, progress=not args.quiet)
@@ -158,18 +161,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backbone_weights(specs: Sequence[str]) -> dict[str, str]:
+    """Register each ``--backbone-weights NAME=PATH`` with timm (the built-in offline backbones are registered by the
+    plugin import); returns ``{NAME: PATH}``."""
+    from .backbones import parse_weights_spec, register_weights
+
+    pairs = dict(parse_weights_spec(spec) for spec in specs)
+    for name, path in pairs.items():
+        register_weights(name, path)
+    return pairs
+
+
 def run_anomalib(args: Sequence[str]) -> int:
     """Run anomalib's CLI with this plugin imported, so that short names such as ``SyntheticAnomalyDataModule``
-    resolve (``anomalib-synth train --config configs/....yaml`` == ``anomalib train ...`` plus the plugin)."""
+    resolve (``anomalib-synth train --config configs/....yaml`` == ``anomalib train ...`` plus the plugin) and the
+    offline backbones (``efficientnet_lite0.local``, ``--backbone-weights NAME=PATH``) are registered."""
     from anomalib.cli.cli import AnomalibCLI
     from anomalib.loggers import configure_logger
 
-    import anomalib_synth.data  # noqa: F401  (registers the datamodule class for jsonargparse)
+    import anomalib_synth.data  # noqa: F401  (registers the datamodule class for jsonargparse, and the backbones)
 
+    from .backbones import explain_missing_weights
+
+    ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    ours.add_argument("--backbone-weights", action="append", default=[])
+    known, args = ours.parse_known_args(list(args))
+    _backbone_weights(known.backbone_weights)
     configure_logger()
     before = _empty_dirs(Path("results"))
     try:
-        AnomalibCLI(list(args))
+        with explain_missing_weights():
+            AnomalibCLI(args)
     except BaseException:
         _remove(_empty_dirs(Path("results")) - before)  # the run's empty results/<Model>/<data>/<category>/vN
         raise
@@ -247,10 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True, help="folder holding <category>/train/good, test/, ground_truth/")
     p.add_argument("--categories", required=True, help="comma-separated, e.g. bottle,grid")
     p.add_argument("--synthesizers", default="anomalib-perlin,perlin,cutpaste,nsa")
-    p.add_argument("--protocol", default="segmentation", help="segmentation, draem, anomalib (comma-separated)")
+    p.add_argument("--protocol", default="segmentation",
+                   help="comma-separated: segmentation, draem, anomalib, patchcore, supersimplenet, glass")  # fmt: skip
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="for every protocol (default per protocol: 256 for the anomalib detectors, else 128)")  # fmt: skip
     p.add_argument("--texture-dir", default=None, help="anomaly-source textures for every synthesizer that takes one")
     p.add_argument("--steps", type=int, default=None, help="training steps (default per protocol)")
     p.add_argument("--batch-size", type=int, default=None)
@@ -258,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-protocol budget, e.g. --budget draem:steps=10,batch_size=2")  # fmt: skip
     p.add_argument("--model", default="anomalib.models.Patchcore", help="anomalib protocol: model class path")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--backbone", default="efficientnet_lite0.local",
+                   help="timm backbone of PatchCore/SuperSimpleNet/GLASS and control-patchcore ('none': no such rows)")
+    p.add_argument("--layers", default="", help="backbone layers, comma-separated (default: blocks.1,blocks.2 for "
+                   "PatchCore, blocks.2,blocks.4 for SuperSimpleNet and GLASS)")
+    p.add_argument("--backbone-weights", action="append", default=[], metavar="NAME=PATH",
+                   help="register a local weights file as timm's pretrained NAME (e.g. resnet18.local=r18.pth)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
     p.add_argument("--output", required=True)
     p.add_argument("--quiet", "-q", action="store_true")

@@ -51,7 +51,7 @@ def synthesize_batch(
     if index.numel() == 0:
         return images, masks, labels
     synthesizer.to(images.device)  # a no-op when it is already there
-    result = synthesizer(images[index], generator=generator)
+    result = synthesizer(images[index], generator=generator)  # it clamps resampling overshoot itself
     images = images.clone()
     images[index] = result.images
     masks[index] |= result.masks.bool()

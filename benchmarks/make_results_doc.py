@@ -32,12 +32,15 @@ def main() -> None:
     parser.add_argument("docs", type=Path)
     parser.add_argument("--command", required=True)
     parser.add_argument("--notes", type=Path, default=None, help="hand-written analysis placed before the tables")
+    parser.add_argument("--appendix", type=Path, default=None, help="markdown placed after the tables (e.g. a "
+                        "secondary table measured by another command, with that command)")
     args = parser.parse_args()
     images = args.docs / "images"
     images.mkdir(parents=True, exist_ok=True)
     results = json.loads((args.results / "results.json").read_text())
     body = (args.results / "results.md").read_text()
     seconds = sum(r["seconds"] for r in results["runs"])
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in results["runs"])
     plots = []
     for png in sorted(args.results.glob("bars_*.png")) + sorted(args.results.glob("strip_*.png")):
         target = images / f"results_{png.name.replace('/', '_')}"
@@ -54,12 +57,15 @@ def main() -> None:
         args.command,
         "```",
         "",
-        f"Sum of run times: {seconds / 60:.1f} CPU-minutes.",
+        f"Sum of run times: {seconds / 60:.1f} minutes of wall time, {cpu / 60:.1f} CPU-minutes (each run uses one "
+        "thread).",
         "",
     ]
     if args.notes:
         header += [args.notes.read_text().strip(), ""]
     footer = ["", "## Plots", ""] + [f"![{p.stem}]({p.as_posix()})" for p in plots]
+    if args.appendix:
+        footer += ["", args.appendix.read_text().strip()]
     (args.docs / "results.md").write_text("\n".join(header) + body.split("\n", 1)[1] + "\n".join(footer) + "\n")
 
 

@@ -23,7 +23,7 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_there_are_configs_for_each_route() -> None:
     names = {p.stem for p in CONFIGS}
     assert {"draem_cutpaste_mvtec", "draem_nsa_mvtec", "supersimplenet_online_perlin",
-            "patchcore_1shot_synthetic_val", "supersimplenet_cache_nsa"} <= names  # fmt: skip
+            "patchcore_1shot_synthetic_val", "supersimplenet_cache_nsa", "supersimplenet_1shot_offline"} <= names  # fmt: skip
 
 
 PARSE_ALL = """

@@ -58,7 +58,7 @@ def test_evaluate_smoke_end_to_end_and_resume(tmp_path) -> None:
     for name in ("results.json", "results.md", "bars_segmentation.png", "strip_segmentation_gravel.png"):
         assert (out / name).is_file(), name
     table = results["aggregate"]["segmentation"]["gravel"]
-    assert set(table) == {"control-untrained", "control-shot-diff", "perlin", "anomalib-perlin"}
+    assert set(table) == {"control-untrained", "control-shot-diff", "control-patchcore", "perlin", "anomalib-perlin"}
     for stats in table.values():
         for metric in ("pixel_AP", "pixel_AUROC", "image_AUROC"):
             assert 0.0 <= stats[metric]["mean"] <= 1.0 and not math.isnan(stats[metric]["mean"])
@@ -99,10 +99,10 @@ def test_resume_refuses_other_run_settings_and_slash_categories_work(tmp_path) -
                         synthesizers=["scar"], seeds=[0, 0], image_size=32,
                         budgets={"segmentation": {"steps": 2, "batch_size": 2}}, workers=1)  # fmt: skip
     results = evaluate(config, tmp_path / "out", progress=False)
-    assert len(results["runs"]) == 3, "duplicated categories and seeds are run once (2 controls + scar)"
+    assert len(results["runs"]) == 4, "duplicated categories and seeds are run once (3 controls + scar)"
     assert (tmp_path / "out" / "strip_segmentation_mvtec_gravel.png").is_file()
     config.image_size = 48
-    with pytest.raises(ValueError, match="other settings \\(image_size\\)"):
+    with pytest.raises(ValueError, match="other settings \\(image_size"):
         evaluate(config, tmp_path / "out", progress=False)
     config.image_size = 32
     config.budgets = {"segmentation": {"stepz": 3}}
@@ -140,8 +140,116 @@ def test_draem_and_anomalib_protocols_run(tmp_path) -> None:
     results = evaluate(config, tmp_path / "out", progress=False)
     methods = {(r["protocol"], r["method"]) for r in results["runs"]}
     assert methods == {
-        ("draem", "control-untrained"), ("draem", "control-shot-diff"), ("draem", "cutpaste"),
-        ("anomalib", "control-shot-diff"), ("anomalib", "none"), ("anomalib", "cutpaste"),
+        ("draem", "control-untrained"), ("draem", "control-shot-diff"), ("draem", "control-patchcore"),
+        ("draem", "cutpaste"), ("anomalib", "control-shot-diff"), ("anomalib", "control-patchcore"),
+        ("anomalib", "none"), ("anomalib", "cutpaste"),
     }  # fmt: skip
     for run in results["runs"]:
         assert all(0.0 <= run["metrics"][m] <= 1.0 for m in ("pixel_AP", "pixel_AUROC")), run["method"]
+
+
+@pytest.mark.slow
+def test_detector_protocols_run_end_to_end_and_resume(tmp_path) -> None:
+    """patchcore (threshold rows), supersimplenet (ssn-default) and glass on tiny data, offline backbone."""
+    root = make_mvtec(tmp_path / "data", size=64)
+    config = EvalConfig(
+        data_root=str(root), categories=["gravel"], synthesizers=["anomalib-perlin", "cutpaste"], seeds=[0],
+        protocols=["patchcore", "supersimplenet", "glass"], image_size=128, workers=1,
+        budgets={"supersimplenet": {"steps": 3, "batch_size": 2}, "glass": {"steps": 2, "batch_size": 2}},
+    )  # fmt: skip
+    results = evaluate(config, tmp_path / "out", progress=False)
+    rows = {(r["protocol"], r["method"]): r for r in results["runs"]}
+    assert set(rows) == {
+        ("patchcore", m) for m in ("control-shot-diff", "control-patchcore", "threshold-default", "threshold-oracle",
+                                   "anomalib-perlin", "cutpaste")
+    } | {("supersimplenet", m) for m in ("control-shot-diff", "control-patchcore", "ssn-default", "anomalib-perlin",
+                                         "cutpaste")
+    } | {("glass", m) for m in ("control-shot-diff", "control-patchcore", "anomalib-perlin", "cutpaste")}  # fmt: skip
+    for (protocol, method), run in rows.items():
+        metrics = run["metrics"]
+        if protocol == "patchcore" and method not in ("control-shot-diff", "control-patchcore"):
+            assert 0.0 <= metrics["image_F1"] <= 1.0 and math.isnan(metrics["pixel_AP"]), method
+            assert math.isfinite(run["info"]["threshold"]), method
+        else:
+            assert all(0.0 <= metrics[m] <= 1.0 for m in ("pixel_AP", "pixel_AUROC")), (protocol, method)
+            assert math.isnan(metrics["image_F1"])
+    oracle = rows[("patchcore", "threshold-oracle")]["metrics"]["image_F1"]
+    assert all(r["metrics"]["image_F1"] <= oracle + 1e-9 for (p, _), r in rows.items() if p == "patchcore"
+               and not math.isnan(r["metrics"]["image_F1"])), "no threshold beats the oracle"  # fmt: skip
+    assert rows[("patchcore", "cutpaste")]["info"]["val_anomalous"] == 8
+    for protocol, method in (("supersimplenet", "cutpaste"), ("supersimplenet", "ssn-default"), ("glass", "cutpaste")):
+        run = rows[(protocol, method)]
+        assert run["first_loss"] is not None and run["info"]["epochs"] >= 2
+        assert run["info"]["feature_cache"]["hits"] > 0, "the shot's features were reused"
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    for text in ("Image F1 at the threshold (primary)", "ssn-default", "threshold-oracle", "control-patchcore"):
+        assert text in markdown
+    stamp = (tmp_path / "out" / "runs" / "glass" / "gravel" / "cutpaste" / "seed0.json").stat().st_mtime_ns
+    evaluate(config, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "runs" / "glass" / "gravel" / "cutpaste" / "seed0.json").stat().st_mtime_ns == stamp
+
+
+def test_feature_cache_gives_the_same_features_and_reuses_them() -> None:
+    from anomalib.models.components import TimmFeatureExtractor
+
+    from anomalib_synth.backbones import register_builtin
+    from anomalib_synth.evaluation.features import FeatureCache, cache_frozen_features
+
+    register_builtin()
+    extractor = TimmFeatureExtractor("efficientnet_lite0.local", layers=["blocks.2", "blocks.4"])
+    images = torch.rand(3, 3, 64, 64)
+    plain = extractor(images)
+    cache = FeatureCache()
+    assert cache_frozen_features(extractor, cache) == 1
+    first = extractor(torch.cat([images, images[:1]]))  # the repeated image is computed once
+    again = extractor(images[[2, 0]])
+    for layer in plain:
+        assert torch.allclose(first[layer][:3], plain[layer], atol=1e-5)
+        assert torch.equal(first[layer][3], first[layer][0])
+        assert torch.equal(again[layer][1], first[layer][0])
+    assert cache.stats()["misses"] == 3 and cache.stats()["hits"] == 3
+    small = FeatureCache(max_bytes=1)
+    extractor.forward = small.wrap(TimmFeatureExtractor.forward.__get__(extractor))
+    extractor(images)
+    assert small.stats()["entries"] == 1, "least recently used entries go beyond max_bytes"
+
+
+def test_thresholds_follow_anomalib() -> None:
+    from anomalib_synth.evaluation.detectors import best_f1, f1_adaptive_threshold, image_f1
+
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    labels = torch.tensor([False, False, True, True, True])
+    assert f1_adaptive_threshold(scores, labels) == 3.0
+    assert f1_adaptive_threshold(scores, torch.zeros(5, dtype=torch.bool)) == 5.0, "no anomalies: highest score"
+    assert image_f1(scores, labels, 3.0) == pytest.approx(0.8), "anomalib flags score > threshold"
+    assert image_f1(scores, labels, 2.5) == 1.0
+    assert best_f1(scores, labels) == (1.0, 3.0)
+    noisy = torch.tensor([0.1, 0.9, 0.4, 0.8, 0.3, 0.7])
+    truth = torch.tensor([False, True, False, True, True, False])
+    assert best_f1(noisy, truth)[0] == max(image_f1(noisy, truth, float(t) - 1e-6) for t in noisy)
+
+
+def test_no_backbone_drops_the_patchcore_control_and_refuses_detector_protocols(tmp_path) -> None:
+    from anomalib_synth.evaluation.runner import plan
+
+    root = make_mvtec(tmp_path / "data")
+    config = EvalConfig(data_root=str(root), categories=["gravel"], synthesizers=["scar"], seeds=[0],
+                        backbone="none", workers=1)  # fmt: skip
+    config.validate()
+    assert {t["method"] for t in plan(config)} == {"control-untrained", "control-shot-diff", "scar"}
+    config.protocols = ["glass"]
+    with pytest.raises(ValueError, match="pretrained backbone"):
+        config.validate()
+    assert config.budget("glass").image_size == 256 and config.budget("segmentation").image_size == 128
+
+
+def test_a_mix_of_synthesizers_draws_one_per_sample(photos) -> None:
+    from anomalib_synth.evaluation.protocols import make_synthesizer
+
+    mix = make_synthesizer("cutpaste+scar", None)
+    images = photos.repeat(4, 1, 1, 1)
+    out = mix(images, generator=torch.Generator().manual_seed(0))
+    again = mix(images, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.images, again.images) and out.labels.all()
+    assert {p["member"] for p in out.params} == {"cutpaste", "scar"}
+    assert out.masks.shape == (16, 1, 96, 96) and out.images.shape == images.shape

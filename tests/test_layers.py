@@ -11,7 +11,7 @@ LAYERS = {
     "errors": 0,
     "io": 1, "seeding": 1,
     "synthesizers": 2,
-    "transforms": 3, "writer": 3, "albumentations": 3, "metrics": 3,
+    "transforms": 3, "writer": 3, "albumentations": 3, "metrics": 3, "backbones": 3,
     "synthesis": 4,
     "generate": 5, "data": 5, "training": 5,
     "evaluation": 6, "scoring": 6, "toydata": 6, "docs_pages": 6,

@@ -14,15 +14,18 @@
 Maps are the models' raw outputs (anomalib's post-processor is skipped) and are scored after min-max normalisation
 over the test set, the same for every row.
 
-Controls, trained on nothing synthetic: ``control-untrained`` (the protocol's network, initialised, not trained)
-and ``control-shot-diff`` (the blurred absolute difference to the nearest shot image).
+Controls, trained on nothing synthetic: ``control-untrained`` (the protocol's network, initialised, not trained),
+``control-shot-diff`` (the blurred absolute difference to the nearest shot image) and ``control-patchcore``
+(PatchCore on the shots, :mod:`.detectors`).
+
+The protocols on anomalib's detectors with an ImageNet backbone (``patchcore``, ``supersimplenet``, ``glass``) are in
+:mod:`.detectors`; every protocol is a :class:`~.base.Protocol` in :data:`~.base.REGISTRY`.
 """
 
 from __future__ import annotations
 
 import importlib
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,37 +34,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..synthesizers import Synthesizer, get
+from ..synthesizers import Synthesizer, get, get_class
 from ..transforms import synthesize_batch
+from .base import CONTROLS, Budget, Outcome, Protocol, RunContext, register_protocol
+from .mix import SEPARATOR, MixSynthesizer
 from .unet import UNet
 
-CONTROLS = ("control-untrained", "control-shot-diff")
-PROTOCOLS = ("segmentation", "draem", "anomalib")
-
-
-@dataclass
-class Budget:
-    """Training budget, the same for every synthesizer of a protocol."""
-
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 1e-3
-    anomaly_ratio: float = 0.5
+__all__ = ["CONTROLS", "Budget", "anomalib_model", "draem", "make_synthesizer", "segmentation", "shot_difference"]
 
 
 PLACES_ON_OBJECT = ("perlin", "cutpaste", "scar", "nsa")
 """Synthesizers the harness runs with ``foreground="auto"`` (defects on the object; textures keep the whole image)."""
 
 
-def make_synthesizer(name: str, texture_dir: str | None, test_images: list | None = None, **kwargs: Any) -> Synthesizer:
-    """Build ``name``, giving ``texture_dir`` to every synthesizer that takes an anomaly source.
+def make_synthesizer(name: str, texture_dir: str | None, test_images: list | None = None, **kwargs: Any
+) -> Synthesizer:
+    """Build ``name``, giving ``texture_dir`` to every synthesizer that takes an anomaly source; ``a+b+c`` is a
+    per-sample mix of them (:class:`~.mix.MixSynthesizer`).
 
     Ours place defects on the estimated object (``foreground="auto"``); anomalib's baseline has no such option.
     With ``test_images``, a synthesizer that has seen any of them (an adapter trained on them, or references among
     them) is refused (:func:`~anomalib_synth.training.leakage.check_leakage`).
     """
-    if texture_dir is not None and name in ("perlin", "anomalib-perlin"):
-        kwargs.setdefault("texture_dir", texture_dir)
+    if SEPARATOR in name:  # a per-sample mix, e.g. "perlin+cutpaste+nsa"
+        parts = name.split(SEPARATOR)
+        return MixSynthesizer([make_synthesizer(part, texture_dir, test_images, **kwargs) for part in parts])
+    argument = get_class(name).texture_argument
+    if texture_dir is not None and argument is not None:
+        kwargs.setdefault(argument, texture_dir)
     if name in PLACES_ON_OBJECT:
         kwargs.setdefault("foreground", "auto")
     synth = get(name, **kwargs)
@@ -131,20 +131,23 @@ def _samples_dataset(paths: list[str], split: str):
     return dataset
 
 
-def shots_datamodule(shot_paths: list[Path], repeats: int, batch_size: int):
-    """An anomalib datamodule whose training set is the shots repeated ``repeats`` times (no validation)."""
+def shots_datamodule(shot_paths: list[Path], repeats: int, batch_size: int, length: int | None = None):
+    """An anomalib datamodule whose training set is the shots repeated ``repeats`` times, or cycled to ``length``
+    rows (no validation)."""
     from anomalib.data import AnomalibDataModule
 
     class Shots(AnomalibDataModule):
         def _setup(self, _stage: str | None = None) -> None:
             paths = [str(p) for p in shot_paths] * repeats
+            if length is not None:
+                paths = [str(shot_paths[i % len(shot_paths)]) for i in range(length)]
             self.train_data = _samples_dataset(paths, "train")
             self.test_data = _samples_dataset([str(p) for p in shot_paths], "test")
 
         def _create_test_split(self) -> None:  # the real test set is scored outside anomalib
             pass
 
-        def val_dataloader(self):  # noqa: ANN202
+        def val_dataloader(self):
             return []
 
         @property
@@ -169,12 +172,15 @@ def _anomaly_maps(model: torch.nn.Module, images: Tensor, size: tuple[int, int],
     return torch.cat(maps)
 
 
-def _engine(workdir: Path, budget: Budget, callbacks: list) -> Any:
+def _engine(workdir: Path, budget: Budget, callbacks: list, epochs: int | None = None) -> Any:
+    """A barebones CPU ``Engine``: ``budget.steps`` optimiser steps, or ``epochs`` epochs (for models whose
+    schedules count epochs, or that step several optimisers per batch)."""
     from anomalib.engine import Engine
 
     # barebones: no checkpoint is needed, and saving DRAEM's 97 M parameters with their Adam state took 60 % of a run
-    return Engine(max_steps=budget.steps, max_epochs=-1, accelerator="cpu", logger=False, barebones=True,
-                  default_root_dir=str(workdir), callbacks=callbacks, num_sanity_val_steps=0)  # fmt: skip
+    limits = {"max_steps": budget.steps, "max_epochs": -1} if epochs is None else {"max_epochs": epochs}
+    return Engine(**limits, accelerator="cpu", logger=False, barebones=True, default_root_dir=str(workdir),
+                  callbacks=callbacks, num_sanity_val_steps=0)  # fmt: skip
 
 
 def _resize_only(size: tuple[int, int]):
@@ -263,3 +269,54 @@ def anomalib_model(
             )  # fmt: skip
         _engine(Path(tmp), budget, []).fit(model=net, datamodule=datamodule)
         return _anomaly_maps(net, test_images, size)
+
+
+# --- the protocols of this module, registered ----------------------------------------------------------------------
+@register_protocol
+class SegmentationProtocol(Protocol):
+    """A compact U-Net trained from scratch on synthetic pairs: isolates the synthesizer."""
+
+    name = "segmentation"
+    budget = Budget(steps=300, batch_size=8, lr=1e-3, image_size=128)
+    controls = ("control-untrained", "control-shot-diff", "control-patchcore")
+    description = "U-Net from scratch on synthetic pairs (isolates the synthesizer)"
+
+    def train(self, method: str, ctx: RunContext) -> Outcome:
+        synth = None if method == "control-untrained" else make_synthesizer(method, ctx.texture_dir, ctx.test_paths)
+        maps, losses = segmentation(ctx.shots, ctx.test_images, synth, ctx.seed, ctx.budget)
+        return Outcome(maps, losses)
+
+    def budget_text(self, budget: Budget) -> str:
+        return (f"{budget.steps} AdamW steps, batch {budget.batch_size}, lr {budget.lr}, anomaly ratio "
+                f"{budget.anomaly_ratio}")  # fmt: skip
+
+
+@register_protocol
+class DraemProtocol(Protocol):
+    """anomalib's DRAEM with its generator swapped; ``anomalib-perlin`` is stock DRAEM."""
+
+    name = "draem"
+    budget = Budget(steps=40, batch_size=4, lr=1e-4, image_size=128)
+    controls = ("control-untrained", "control-shot-diff", "control-patchcore")
+    description = "anomalib's DRAEM with its generator swapped (anomalib-perlin: stock DRAEM)"
+
+    def train(self, method: str, ctx: RunContext) -> Outcome:
+        maps = draem(ctx.shot_paths, ctx.test_images, method, ctx.seed, ctx.budget, ctx.size, ctx.texture_dir,
+                     train=method != "control-untrained")  # fmt: skip
+        return Outcome(maps)
+
+
+@register_protocol
+class AnomalibProtocol(Protocol):
+    """Any anomalib model (``--model``, ``--model-arg``) through :class:`SyntheticAnomalyDataModule`."""
+
+    name = "anomalib"
+    budget = Budget(steps=40, batch_size=4, lr=1e-4, image_size=128)
+    controls = ("control-shot-diff", "control-patchcore")
+    accepts_none = True
+    description = "any anomalib model through SyntheticAnomalyDataModule (none: without synthesis)"
+
+    def train(self, method: str, ctx: RunContext) -> Outcome:
+        maps = anomalib_model(ctx.shot_paths, ctx.test_images, method, ctx.seed, ctx.budget, ctx.size,
+                              ctx.texture_dir, ctx.config.model, ctx.config.model_args)  # fmt: skip
+        return Outcome(maps)

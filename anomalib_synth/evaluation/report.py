@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..io import write_text
-from .protocols import CONTROLS
+from .base import BASELINE, CONTROLS, get_protocol
 from .scores import METRICS
+
+TITLES = {"pixel_AP": "Pixel AP", "pixel_AUROC": "Pixel AUROC", "pixel_F1max": "Pixel F1-max",
+          "image_AUROC": "Image AUROC", "image_F1": "Image F1 at the threshold"}  # fmt: skip
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, dict[str, float]]]]]:
-    """``{protocol: {category: {method: {metric: {"mean", "std", "n"}}}}}`` over seeds."""
+    """``{protocol: {category: {method: {metric: {"mean", "std", "n"}}}}}`` over seeds (metrics a row does not
+    report, NaN in every seed, are left out)."""
     grouped: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     for r in records:
         grouped.setdefault((r["protocol"], r["category"], r["method"]), []).append(r["metrics"])
@@ -22,7 +31,9 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, di
     for (protocol, category, method), runs in grouped.items():
         stats = {}
         for metric in METRICS:
-            values = [run[metric] for run in runs]
+            values = [run[metric] for run in runs if _finite(run.get(metric))]
+            if not values:
+                continue
             stats[metric] = {
                 "mean": statistics.fmean(values),
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -38,37 +49,59 @@ def _methods(table: dict[str, dict[str, Any]]) -> list[str]:
         for method in per_method:
             if method not in seen:
                 seen.append(method)
-    return [m for m in seen if m in CONTROLS] + [m for m in seen if m not in CONTROLS]
+    controls = [m for m in CONTROLS if m in seen]
+    return controls + [m for m in seen if m not in CONTROLS]
+
+
+def _means(table: dict[str, dict[str, Any]], metric: str) -> dict[str, tuple[float, float]]:
+    """``{method: (mean over categories, mean std)}`` for the methods measured in every category."""
+    out = {}
+    for method in _methods(table):
+        cells = [table[c].get(method, {}).get(metric) for c in table]
+        if cells and all(cells):
+            out[method] = (statistics.fmean(c["mean"] for c in cells), statistics.fmean(c["std"] for c in cells))
+    return out
+
+
+def _verdict(values: dict[str, tuple[float, float]]) -> str | None:
+    """Best of our synthesizers against every reference row (controls and anomalib's own generator)."""
+    ours = {m: v for m, v in values.items() if m not in (*CONTROLS, BASELINE, "none")}
+    references = {m: v for m, v in values.items() if m in CONTROLS or m == BASELINE}
+    if not ours or not references:
+        return None
+    best = max(ours, key=lambda m: ours[m][0])
+    value, spread = ours[best]
+    parts = []
+    for ref, (ref_value, _) in references.items():
+        margin = value - ref_value
+        word = "beats" if margin > 0 else "does NOT beat"
+        close = " (by less than the seed spread)" if abs(margin) < spread else ""
+        parts.append(f"{word} `{ref}` ({ref_value:.3f}){close}")
+    return f"best: `{best}` ({value:.3f}) " + "; ".join(parts)
 
 
 def verdicts(table: dict[str, dict[str, Any]], metric: str = "pixel_AP") -> dict[str, str]:
-    """Per category: does the best synthesizer beat both controls (mean over seeds)?"""
+    """Per category, and over the category means (``"mean"``): does our best synthesizer beat each reference?"""
     out = {}
     for category, per_method in table.items():
-        controls = {m: v[metric]["mean"] for m, v in per_method.items() if m in CONTROLS}
-        synths = {m: v[metric]["mean"] for m, v in per_method.items() if m not in (*CONTROLS, "none")}
-        if not synths or not controls:
-            continue
-        best = max(synths, key=synths.get)
-        margin = synths[best] - max(controls.values())
-        spread = per_method[best][metric]["std"]
-        which = "both controls" if len(controls) > 1 else "the control"
-        if margin > 0:
-            word = f"beats {which}" + (" (by less than the seed spread)" if margin < spread else "")
-        else:
-            word = f"does NOT beat {which}"
-        out[category] = f"best: `{best}` ({synths[best]:.3f}) {word}; best control {max(controls.values()):.3f}"
+        values = {m: (v[metric]["mean"], v[metric]["std"]) for m, v in per_method.items() if metric in v}
+        text = _verdict(values)
+        if text:
+            out[category] = text
+    if len(table) > 1:
+        text = _verdict(_means(table, metric))
+        if text:
+            out["mean over categories"] = text
     return out
 
 
 def markdown_table(table: dict[str, dict[str, Any]], metric: str) -> str:
     categories = list(table)
-    methods = _methods(table)
     lines = [
         "| method | " + " | ".join(categories) + " | mean |",
         "|---|" + "---|" * (len(categories) + 1),
     ]
-    for method in methods:
+    for method in _methods(table):
         cells, means = [], []
         for category in categories:
             stats = table[category].get(method, {}).get(metric)
@@ -77,9 +110,15 @@ def markdown_table(table: dict[str, dict[str, Any]], metric: str) -> str:
                 continue
             means.append(stats["mean"])
             cells.append(f"{stats['mean']:.3f} ± {stats['std']:.3f}")
+        if not means:
+            continue  # a row that does not report this metric
         mean = f"{statistics.fmean(means):.3f}" if len(means) == len(categories) else "-"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {mean} |")
     return "\n".join(lines)
+
+
+def _reported(table: dict[str, dict[str, Any]], metric: str) -> bool:
+    return any(metric in stats for per_method in table.values() for stats in per_method.values())
 
 
 def write_report(config: Any, records: list[dict[str, Any]], output: Path, machine: str) -> dict[str, Any]:
@@ -88,33 +127,49 @@ def write_report(config: Any, records: list[dict[str, Any]], output: Path, machi
     results = {"config": asdict(config), "machine": machine, "aggregate": tables, "runs": records}
     write_text(output / "results.json", json.dumps(results, indent=1))
     shots_from_test = sorted({r["category"] for r in records if r["shots_from_test"]})
+    sizes = sorted({r.get("image_size", config.image_size) for r in records})
+    backbone = "none"
+    if config.backbone:
+        patchcore, others = ",".join(config.layers_for("patchcore")), ",".join(config.layers_for("glass"))
+        backbone = f"`{config.backbone}`, layers `{patchcore}`"
+        if others != patchcore:
+            backbone += f" (PatchCore) and `{others}` (SuperSimpleNet, GLASS)"
+    textures = (f"`{config.texture_dir}` (given to every synthesizer that takes an anomaly source)"
+                if config.texture_dir else "none (each synthesizer's own fallback source)")  # fmt: skip
+    legend = (
+        "Cells are mean ± std over seeds. Reference rows, trained on no synthetic anomalies: `control-untrained` "
+        "(the protocol's network without training), `control-shot-diff` (blurred absolute difference to the nearest "
+        "shot), `control-patchcore` (anomalib's PatchCore with the shots as memory bank, same backbone and size), "
+        "`ssn-default` (stock unsupervised SuperSimpleNet), `threshold-default` / `threshold-oracle` (PatchCore's "
+        "image threshold from anomalib's fallback without anomalous validation / the best one on the test set); "
+        f"`{BASELINE}` is anomalib's own generator. A synthesizer helps only where it beats them. Do not read gaps "
+        "smaller than the std as a ranking."
+    )
     lines = [
-        f"# k-shot evaluation ({config.shots}-shot, {len(config.seeds)} seeds, {config.image_size} px)",
+        f"# k-shot evaluation ({config.shots}-shot, {len(config.seeds)} seeds, {'/'.join(map(str, sizes))} px)",
         "",
-        f"Machine: {machine}. Data: `{config.data_root}`. Textures: "
-        + (f"`{config.texture_dir}` (given to every synthesizer that takes an anomaly source)" if config.texture_dir
-           else "none (each synthesizer's own fallback source)"),  # fmt: skip
+        (f"Machine: {machine}. Data: `{config.data_root}`. Backbone of the anomalib detectors: {backbone}. "
+         f"Textures: {textures}"),
         "",
-        "Cells are mean ± std over seeds. `control-untrained` is the protocol's network without training, "
-        "`control-shot-diff` the blurred absolute difference to the nearest shot: a synthesizer helps only where it "
-        "beats both. Do not read gaps smaller than the std as a ranking.",
+        legend,
     ]
     if shots_from_test:
-        lines += ["", f"No `train/good` in {', '.join(shots_from_test)}: shots drawn from `test/good` and removed "
-                      "from the test set."]  # fmt: skip
-    for protocol, table in tables.items():
-        budget = config.budget(protocol)
-        if protocol == "segmentation":
-            text = (f"{budget.steps} AdamW steps, batch {budget.batch_size}, lr {budget.lr}, anomaly ratio "
-                    f"{budget.anomaly_ratio}")  # fmt: skip
-        else:  # the model's own optimiser; one-epoch models (Patchcore, Padim) stop after their epoch
-            text = f"at most {budget.steps} steps, batch {budget.batch_size}, anomaly ratio {budget.anomaly_ratio}"
-        lines += ["", f"## Protocol `{protocol}`", "", f"Budget: {text}.", ""]
-        for metric, title in (("pixel_AP", "Pixel AP (primary)"), ("pixel_AUROC", "Pixel AUROC"),
-                              ("pixel_F1max", "Pixel F1-max"), ("image_AUROC", "Image AUROC")):  # fmt: skip
+        lines += ["", (f"No `train/good` in {', '.join(shots_from_test)}: shots drawn from `test/good` and removed "
+                       "from the test set; synthetic validation splits use the shots as normal images.")]  # fmt: skip
+    for name, table in tables.items():
+        protocol = get_protocol(name)
+        budget = config.budget(name)
+        size = config.size(name)[0]
+        lines += ["", f"## Protocol `{name}`", "", f"{protocol.description}. {size} px.", "",
+                  f"Budget: {protocol.budget_text(budget)}.", ""]  # fmt: skip
+        order = [protocol.verdict_metric] + [m for m in TITLES if m != protocol.verdict_metric]
+        for metric in order:
+            if not _reported(table, metric):
+                continue
+            title = TITLES[metric] + (" (primary)" if metric == protocol.verdict_metric else "")
             lines += [f"### {title}", "", markdown_table(table, metric), ""]
-        lines += ["### Verdict (pixel AP)", ""]
-        lines += [f"- {category}: {text}" for category, text in verdicts(table).items()]
+        lines += [f"### Verdict ({TITLES[protocol.verdict_metric]})", ""]
+        lines += [f"- {category}: {text}" for category, text in verdicts(table, protocol.verdict_metric).items()]
     write_text(output / "results.md", "\n".join(lines) + "\n")
     plot_bars(tables, output)
     plot_strips(records, output, Path(config.data_root))
@@ -130,9 +185,11 @@ def plot_bars(tables: dict[str, Any], output: Path) -> None:
 
     for protocol, table in tables.items():
         categories, methods = list(table), _methods(table)
+        verdict = get_protocol(protocol).verdict_metric
+        metrics = ("pixel_AUROC", "pixel_AP") if verdict == "pixel_AP" else ("pixel_AP", verdict)
         fig, axes = plt.subplots(1, 2, figsize=(max(6, 2.2 * len(categories)) * 2, 3.6))
         width = 0.8 / max(1, len(methods))
-        for ax, metric in zip(axes, ("pixel_AUROC", "pixel_AP"), strict=True):
+        for ax, metric in zip(axes, metrics, strict=True):
             for j, method in enumerate(methods):
                 means = [table[c].get(method, {}).get(metric, {}).get("mean", 0) for c in categories]
                 stds = [table[c].get(method, {}).get(metric, {}).get("std", 0) for c in categories]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import platform
 import time
@@ -12,22 +13,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from torchvision.utils import make_grid
-
 from ..io import write_png, write_text
-from . import protocols
+from . import detectors, protocols  # noqa: F401  (register the protocols)
+from .base import REGISTRY, Budget, RunContext, get_protocol
 from .data import load_category, load_images, load_test_set
-from .protocols import CONTROLS, PROTOCOLS, Budget
-from .scores import evaluate_maps, normalise
+from .scores import METRICS, evaluate_maps, normalise
 
-DEFAULT_BUDGETS = {
-    "segmentation": Budget(steps=300, batch_size=8, lr=1e-3),
-    "draem": Budget(steps=40, batch_size=4, lr=1e-4),
-    "anomalib": Budget(steps=40, batch_size=4, lr=1e-4),
-}
+DEFAULT_BUDGETS = {name: protocol.budget for name, protocol in REGISTRY.items()}
 PREVIEW = 6  # test images per category kept (at 64 px) for the report's strips
+DEFAULT_BACKBONE = "efficientnet_lite0.local"
+PATCHCORE_LAYERS = ("blocks.1", "blocks.2")
+"""PatchCore's default layers on EfficientNet-Lite0 (strides 4 and 8: finer maps; measured stronger than
+``blocks.2,blocks.4`` on every category, see docs/results.md), so that ``control-patchcore`` is a strong control."""
+DETECTOR_LAYERS = ("blocks.2", "blocks.4")
+"""SuperSimpleNet's and GLASS's default layers (strides 8 and 16, like their WideResNet ``layer2,layer3``)."""
 
 
 @dataclass
@@ -40,15 +42,41 @@ class EvalConfig:
     protocols: list[str] = field(default_factory=lambda: ["segmentation"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     shots: int = 1
-    image_size: int = 128
+    image_size: int | None = None
     texture_dir: str | None = None
     budgets: dict[str, dict[str, Any]] = field(default_factory=dict)
     model: str = "anomalib.models.Patchcore"
     model_args: dict[str, Any] = field(default_factory=dict)
     workers: int = 2
+    backbone: str | None = DEFAULT_BACKBONE
+    layers: list[str] | None = None  # None: PATCHCORE_LAYERS for PatchCore, DETECTOR_LAYERS for the others
+    backbone_weights: dict[str, str] = field(default_factory=dict)
+    feature_cache: bool = True  # per-image cache of the frozen backbone's features within a run (same results)
 
     def budget(self, protocol: str) -> Budget:
-        return Budget(**{**asdict(DEFAULT_BUDGETS[protocol]), **self.budgets.get(protocol, {})})
+        """The protocol's budget: its default, ``image_size`` if set, then ``budgets[protocol]``."""
+        base = asdict(get_protocol(protocol).budget)
+        if self.image_size is not None:
+            base["image_size"] = self.image_size
+        return Budget(**{**base, **self.budgets.get(protocol, {})})
+
+    def layers_for(self, model: str) -> list[str]:
+        """The backbone layers of ``model`` (``"patchcore"`` or another detector): ``layers`` if set."""
+        if self.layers:
+            return list(self.layers)
+        return list(PATCHCORE_LAYERS if model == "patchcore" else DETECTOR_LAYERS)
+
+    def size(self, protocol: str) -> tuple[int, int]:
+        side = self.budget(protocol).image_size or 256
+        return (side, side)
+
+    def register_backbones(self) -> None:
+        """Register the built-in offline backbones and ``backbone_weights`` with timm (in every worker)."""
+        from ..backbones import register_builtin, register_weights
+
+        register_builtin()
+        for name, path in self.backbone_weights.items():
+            register_weights(name, path)
 
     def validate(self) -> None:
         self.categories = list(dict.fromkeys(self.categories))  # duplicates would be run (and counted) twice
@@ -60,10 +88,22 @@ class EvalConfig:
             if bad:
                 msg = f"unknown budget setting(s) {bad} for {protocol}; choose from {sorted(fields)}"
                 raise ValueError(msg)
-        unknown = sorted(set(self.protocols) - set(PROTOCOLS))
+        unknown = sorted(set(self.protocols) - set(REGISTRY))
         if unknown:
-            msg = f"unknown protocol(s) {unknown}; choose from {PROTOCOLS}"
+            msg = f"unknown protocol(s) {unknown}; choose from {tuple(REGISTRY)}"
             raise ValueError(msg)
+        if self.backbone in ("", "none"):
+            self.backbone = None
+        if self.backbone is None:
+            needing = [p for p in self.protocols if get_protocol(p).needs_backbone]
+            if needing:
+                msg = f"protocol(s) {needing} run anomalib's detectors on a pretrained backbone: give one (--backbone)"
+                raise ValueError(msg)
+        else:
+            from ..backbones import check_pretrained
+
+            self.register_backbones()
+            check_pretrained(self.backbone)  # a clear error now rather than in every run
         for category in self.categories:
             load_category(self.data_root, category)  # a clear error for a missing or malformed category
         if self.texture_dir is not None:
@@ -73,7 +113,7 @@ class EvalConfig:
         from ..synthesizers import available
 
         names = set(available()) | {"none"}
-        bad = sorted(set(self.synthesizers) - names)
+        bad = sorted({part for s in self.synthesizers for part in s.split("+")} - names)
         if bad:
             msg = f"unknown synthesizer(s) {bad}; available: {', '.join(sorted(names))}"
             raise ValueError(msg)
@@ -83,71 +123,88 @@ def run_path(output: Path, protocol: str, category: str, method: str, seed: int)
     return output / "runs" / protocol / category.strip("/") / method / f"seed{seed}.json"
 
 
-RUN_SETTINGS = ("data_root", "shots", "image_size", "texture_dir", "budgets", "model", "model_args")
+RUN_SETTINGS = ("data_root", "shots", "image_size", "texture_dir", "budgets", "model", "model_args", "backbone",
+                "layers", "backbone_weights")
 """Settings that change a run's result: a resumed evaluation must use the same ones."""
 
 
 def check_settings(config: EvalConfig, output: Path) -> None:
     """Record the run-defining settings in ``output/settings.json``, or refuse to mix runs made with others."""
     settings = {key: asdict(config)[key] for key in RUN_SETTINGS}
+    # the budgets each protocol runs with, defaults included: a resume with other defaults (code) is refused too
+    settings["resolved_budgets"] = {p: asdict(config.budget(p)) for p in sorted(config.protocols)}
     path = output / "settings.json"
     if path.is_file():
         previous = json.loads(path.read_text())
+        resolved = previous.get("resolved_budgets", {})
         changed = sorted(k for k in RUN_SETTINGS if previous.get(k) != json.loads(json.dumps(settings[k])))
+        changed += [f"budget of {p}" for p, b in settings["resolved_budgets"].items() if p in resolved
+                    and resolved[p] != json.loads(json.dumps(b))]  # fmt: skip
         if changed:
             msg = (
                 f"{output} holds runs made with other settings ({', '.join(changed)}); "
                 "use another output folder or delete it"
             )
             raise ValueError(msg)
+        missing = {p: b for p, b in settings["resolved_budgets"].items() if p not in resolved}
+        if missing:  # protocols added to an evaluation: record their budgets too
+            previous["resolved_budgets"] = {**resolved, **missing}
+            write_text(path, json.dumps(previous, indent=1))
         return
     write_text(path, json.dumps(settings, indent=1))
 
 
 def plan(config: EvalConfig) -> list[dict[str, Any]]:
-    """Every run of the evaluation, controls included (``none`` only applies to the ``anomalib`` protocol)."""
+    """Every run of the evaluation: per protocol, its controls and synthesizers (``Protocol.methods``);
+    ``control-patchcore`` only with a backbone."""
     tasks = []
-    for protocol in config.protocols:
-        methods = [s for s in config.synthesizers if s != "none" or protocol == "anomalib"]
-        controls = list(CONTROLS) if protocol != "anomalib" else ["control-shot-diff"]
+    for name in config.protocols:
+        methods = get_protocol(name).methods(config.synthesizers)
+        if config.backbone is None:
+            methods = [m for m in methods if m != "control-patchcore"]
         for category in config.categories:
-            for method in [*controls, *methods]:
+            for method in methods:
                 for seed in config.seeds:
-                    tasks.append({"protocol": protocol, "category": category, "method": method, "seed": seed})
+                    tasks.append({"protocol": name, "category": category, "method": method, "seed": seed})
     return tasks
+
+
+def held_out_normals(data: Any, shots: list[Path], count: int, seed: int) -> list[Path]:
+    """Up to ``count`` normal training images that are not shots (none when the shots come from the test set),
+    drawn reproducibly: the normal half of a synthetic validation split."""
+    if data.shots_from_test or count <= 0:
+        return []
+    candidates = [p for p in data.normal if p not in shots]
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return [candidates[i] for i in order[:count]]
 
 
 def execute(task: dict[str, Any], config: EvalConfig, output: Path) -> dict[str, Any]:
     """Run one task and return its record (metrics, timing, losses, preview maps)."""
-    start = time.perf_counter()
-    size = (config.image_size, config.image_size)
+    start, cpu = time.perf_counter(), time.process_time()
+    protocol = get_protocol(task["protocol"])
+    budget = config.budget(task["protocol"])
+    size = config.size(task["protocol"])
     data = load_category(config.data_root, task["category"])
     shot_paths, test = data.split(config.shots, task["seed"])
-    shots = load_images(shot_paths, size)
     images, masks, labels = load_test_set(test, size)
-    budget = config.budget(task["protocol"])
-    method, seed, protocol = task["method"], task["seed"], task["protocol"]
-    losses: list[float] = []
-    if method == "control-shot-diff":
-        maps = protocols.shot_difference(shots, images)
-    elif protocol == "segmentation":
-        synth = None if method == "control-untrained" else protocols.make_synthesizer(
-            method, config.texture_dir, test_images=[s.image for s in test]
-        )
-        maps, losses = protocols.segmentation(shots, images, synth, seed, budget)
-    elif protocol == "draem":
-        maps = protocols.draem(shot_paths, images, method, seed, budget, size, config.texture_dir,
-                               train=method != "control-untrained")  # fmt: skip
-    else:
-        maps = protocols.anomalib_model(shot_paths, images, method, seed, budget, size, config.texture_dir,
-                                        config.model, config.model_args)  # fmt: skip
-    metrics = evaluate_maps(maps, masks, labels)
+    method, seed = task["method"], task["seed"]
+    ctx = RunContext(config=config, category=task["category"], seed=seed, budget=budget, size=size,
+                     shot_paths=shot_paths, shots=load_images(shot_paths, size), test_images=images, test_masks=masks,
+                     test_labels=labels, val_paths=held_out_normals(data, shot_paths, budget.val_images, seed),
+                     test_paths=[s.image for s in test])  # fmt: skip
+    outcome = protocol.run(method, ctx)
+    nan = float("nan")
+    metrics = evaluate_maps(outcome.maps, masks, labels) if outcome.maps is not None else {m: nan for m in METRICS}
+    metrics = {**{m: nan for m in METRICS}, **metrics, **outcome.metrics}
     order = sorted(range(len(test)), key=lambda i: (not test[i].label, str(test[i].image)))[:PREVIEW]
     preview = None
-    if seed == config.seeds[0]:  # maps of a few test images, for the report's strips
-        small = F.interpolate(maps[order][:, None].float(), size=(64, 64), mode="bilinear", align_corners=False)
-        preview = run_path(output, protocol, task["category"], method, seed).with_suffix(".png")
+    if seed == config.seeds[0] and outcome.maps is not None:  # maps of a few test images, for the report's strips
+        small = F.interpolate(outcome.maps[order][:, None].float(), size=(64, 64), mode="bilinear",
+                              align_corners=False)  # fmt: skip
+        preview = run_path(output, task["protocol"], task["category"], method, seed).with_suffix(".png")
         write_png(preview, make_grid(normalise(small), nrow=len(order), padding=0))
+    losses = outcome.losses
     return {
         **task,
         "metrics": metrics,
@@ -155,9 +212,12 @@ def execute(task: dict[str, Any], config: EvalConfig, output: Path) -> dict[str,
         "shots_from_test": data.shots_from_test,
         "n_test": len(test),
         "n_anomalous": int(labels.sum()),
+        "image_size": size[0],
         "seconds": round(time.perf_counter() - start, 2),
+        "cpu_seconds": round(time.process_time() - cpu, 2),
         "final_loss": losses[-1] if losses else None,
         "first_loss": losses[0] if losses else None,
+        "info": outcome.info,
         "preview_images": [str(test[i].image) for i in order],
         "preview": None if preview is None else str(preview.relative_to(output)),
     }
@@ -167,8 +227,13 @@ def _work(args: tuple[dict[str, Any], dict[str, Any], str]) -> dict[str, Any]:
     task, config_dict, output = args
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    config = EvalConfig(**config_dict)
+    # timm warns of the classifier tensors a features-only backbone does not load, at every model built
+    logging.getLogger("timm.models._builder").setLevel(logging.ERROR)
+    if config.backbone is not None:
+        config.register_backbones()  # timm's registry is per process (spawned workers start empty)
     try:
-        record = execute(task, EvalConfig(**config_dict), Path(output))
+        record = execute(task, config, Path(output))
     finally:
         torch.set_num_threads(threads)
     path = run_path(Path(output), task["protocol"], task["category"], task["method"], task["seed"])
@@ -192,7 +257,7 @@ def evaluate(config: EvalConfig, output: str | Path, progress: bool = True) -> d
     with tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="evaluate", unit="run", disable=not progress) as bar:
         if config.workers > 1 and len(todo) > 1:
             context = mp.get_context("spawn")
-            with context.Pool(config.workers, maxtasksperchild=4) as pool:
+            with context.Pool(config.workers, maxtasksperchild=32) as pool:
                 for record in pool.imap_unordered(_work, args):
                     bar.set_postfix_str(f"{record['category']}/{record['method']}/{record['seed']}")
                     bar.update(1)

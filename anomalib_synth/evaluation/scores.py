@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, BinaryPrecisionRecallCurve
 
-METRICS = ("pixel_AP", "pixel_AUROC", "pixel_F1max", "image_AUROC", "image_AP")
+METRICS = ("pixel_AP", "pixel_AUROC", "pixel_F1max", "image_AUROC", "image_AP", "image_F1")
+"""Every metric a run may report; ``image_F1`` (F1 of the image labels at a threshold) only comes from the rows that
+set a threshold (protocol ``patchcore``), the others are NaN where they do not apply."""
 
 
 def normalise(scores: Tensor) -> Tensor:
