@@ -121,7 +121,7 @@ def best_f1(scores: Tensor, labels: Tensor) -> tuple[float, float]:
 def synthetic_validation(ctx: RunContext, synthesizer: str | None) -> tuple[Tensor, Tensor]:
     """Validation images and labels: the held-out normal images (the shots when there are none) and, with a
     synthesizer, ``budget.val_images`` anomalies made from them (cycled)."""
-    from ..data.datamodule import _mix_seed
+    from ..seeding import generator_for
     from ..transforms import synthesize_batch
     from .data import load_images
 
@@ -130,7 +130,7 @@ def synthetic_validation(ctx: RunContext, synthesizer: str | None) -> tuple[Tens
     if synthesizer is None:
         return normals, labels
     sources = normals[torch.arange(ctx.budget.val_images) % len(normals)]
-    generator = torch.Generator().manual_seed(_mix_seed(ctx.seed, 3))
+    generator = generator_for(ctx.seed, "val")
     synth = make_synthesizer(synthesizer, ctx.texture_dir, ctx.test_paths)
     anomalies, _, made = synthesize_batch(synth, sources, None, None, 1.0, generator)
     return torch.cat([normals, anomalies]), torch.cat([labels, made])
