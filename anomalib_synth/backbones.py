@@ -43,6 +43,7 @@ __all__ = [
     "cache_dir",
     "check_pretrained",
     "explain_missing_weights",
+    "feature_layers",
     "fit_state_dict",
     "parse_weights_spec",
     "register_builtin",
@@ -336,6 +337,15 @@ def register_builtin(strict: bool = False) -> list[str]:
             if strict:
                 raise
     return names
+
+
+def feature_layers(backbone: str) -> list[str]:
+    """The layer names anomalib's ``TimmFeatureExtractor`` accepts for ``backbone`` (timm's feature modules)."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(backbone.partition(".")[0], pretrained=False, features_only=True)
+    return [info["module"] for info in model.feature_info.info]
 
 
 def _hint(backbone: str) -> str:

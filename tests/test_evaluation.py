@@ -240,6 +240,9 @@ def test_no_backbone_drops_the_patchcore_control_and_refuses_detector_protocols(
     config.protocols = ["glass"]
     with pytest.raises(ValueError, match="pretrained backbone"):
         config.validate()
+    config.backbone, config.layers = "efficientnet_lite0.local", ["blocks.3"]
+    with pytest.raises(ValueError, match=r"\['blocks.3'\] are not feature layers .* 'blocks.4', 'blocks.6'"):
+        config.validate()
     assert config.budget("glass").image_size == 256 and config.budget("segmentation").image_size == 128
 
 

@@ -100,10 +100,15 @@ class EvalConfig:
                 msg = f"protocol(s) {needing} run anomalib's detectors on a pretrained backbone: give one (--backbone)"
                 raise ValueError(msg)
         else:
-            from ..backbones import check_pretrained
+            from ..backbones import check_pretrained, feature_layers
 
             self.register_backbones()
             check_pretrained(self.backbone)  # a clear error now rather than in every run
+            available = feature_layers(self.backbone)
+            bad = sorted({layer for m in ("patchcore", "glass") for layer in self.layers_for(m)} - set(available))
+            if bad:  # anomalib would drop them with a warning and fail later
+                msg = f"layer(s) {bad} are not feature layers of {self.backbone}; choose from {available}"
+                raise ValueError(msg)
         for category in self.categories:
             load_category(self.data_root, category)  # a clear error for a missing or malformed category
         if self.texture_dir is not None:
