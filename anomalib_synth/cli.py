@@ -450,13 +450,12 @@ def offline_weights_hint(err: BaseException) -> str | None:
     missing = re.search(r"offline|connection|cannot find the requested files|not known", text, re.IGNORECASE)
     if not ({"LocalEntryNotFoundError", "OfflineModeIsEnabled", "URLError"} & names or (hub and missing)):
         return None
+    from .backbones import offline_hint
+
     backbone = re.search(r"backbone='([^']+)'", text)
-    what = f"backbone {backbone.group(1)!r}" if backbone else "the model"
-    return (
-        f"{what} needs pretrained weights that cannot be downloaded here (offline). Supply them locally with "
-        "`--backbone-weights NAME=PATH` (see anomalib_synth.backbones), copy them into the Hugging Face / torch "
-        "cache from a machine with internet, or set the model's `pre_trained: false` (random features)"
-    )
+    name = backbone.group(1) if backbone else "ARCH"
+    what = f"backbone {name!r}" if backbone else "the model's backbone"
+    return f"{what} needs pretrained weights that cannot be downloaded here (offline). {offline_hint(name)}"
 
 
 def _dispatch(argv: list[str]) -> int:
