@@ -133,6 +133,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             budget["steps"] = args.steps
         if args.batch_size is not None:
             budget["batch_size"] = args.batch_size
+        if args.accelerator is not None:
+            budget["accelerator"] = args.accelerator
         budgets[protocol] = budget
     for spec in args.budget:  # PROTOCOL:KEY=VALUE[,KEY=VALUE]
         protocol, _, assignments = spec.partition(":")
@@ -278,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texture-dir", default=None, help="anomaly-source textures for every synthesizer that takes one")
     p.add_argument("--steps", type=int, default=None, help="training steps (default per protocol)")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--accelerator", default=None, help="Lightning accelerator of the anomalib detectors (default cpu)")
     p.add_argument("--budget", action="append", default=[], metavar="PROTOCOL:KEY=VALUE[,...]",
                    help="per-protocol budget, e.g. --budget draem:steps=10,batch_size=2")  # fmt: skip
     p.add_argument("--model", default="anomalib.models.Patchcore", help="anomalib protocol: model class path")

@@ -256,3 +256,11 @@ def test_a_mix_of_synthesizers_draws_one_per_sample(photos) -> None:
     assert torch.equal(out.images, again.images) and out.labels.all()
     assert {p["member"] for p in out.params} == {"cutpaste", "scar"}
     assert out.masks.shape == (16, 1, 96, 96) and out.images.shape == images.shape
+
+
+def test_the_detectors_accelerator_is_configurable(tmp_path) -> None:
+    from anomalib_synth.evaluation.base import Budget
+    from anomalib_synth.evaluation.protocols import _engine
+
+    assert _engine(tmp_path, Budget(), [])._cache.args["accelerator"] == "cpu"
+    assert _engine(tmp_path, Budget(accelerator="auto"), [])._cache.args["accelerator"] == "auto"

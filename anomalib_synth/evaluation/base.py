@@ -41,6 +41,7 @@ class Budget:
     anomaly_ratio: float = 0.5
     image_size: int | None = None
     val_images: int = 8
+    accelerator: str = "cpu"  # Lightning's accelerator for the anomalib detectors ("auto", "gpu", ...)
 
 
 @dataclass

@@ -179,7 +179,7 @@ def _engine(workdir: Path, budget: Budget, callbacks: list, epochs: int | None =
 
     # barebones: no checkpoint is needed, and saving DRAEM's 97 M parameters with their Adam state took 60 % of a run
     limits = {"max_steps": budget.steps, "max_epochs": -1} if epochs is None else {"max_epochs": epochs}
-    return Engine(**limits, accelerator="cpu", logger=False, barebones=True, default_root_dir=str(workdir),
+    return Engine(**limits, accelerator=budget.accelerator, logger=False, barebones=True, default_root_dir=str(workdir),
                   callbacks=callbacks, num_sanity_val_steps=0)  # fmt: skip
 
 
