@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torchvision.transforms.v2 import Resize
 
 from anomalib_synth.generate import generate
+from anomalib_synth.seeding import derive_seed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -95,7 +97,9 @@ def test_draem_route_on_real_bottle(tmp_path) -> None:
     engine = Engine(max_epochs=1, accelerator="cpu", default_root_dir=str(tmp_path / "results"), barebones=True,
                     limit_train_batches=1, limit_val_batches=0, callbacks=[callback])  # fmt: skip
     engine.fit(model=model, datamodule=_mvtec(train_batch_size=2))
-    assert callback.replaced == "augmenter" and model.augmenter.calls == 1
+    assert callback.replaced == "augmenter" and callback.augmenter is model.augmenter
+    start = torch.Generator().manual_seed(derive_seed(0, "rank", 0)).get_state()
+    assert not torch.equal(model.augmenter.generator.get_state(), start), "the swapped-in synthesizer drew anomalies"
 
 
 def test_generate_on_real_bottle_every_classical_synthesizer(tmp_path) -> None:

@@ -43,14 +43,12 @@ class SynthesizerAugmenter(nn.Module):
         self.synthesizer = get(synthesizer) if isinstance(synthesizer, str) else synthesizer
         self.probability = float(probability)
         self.generator = make_generator(seed=seed)
-        self.calls = 0
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         single = images.ndim == 3
         batch = images.unsqueeze(0) if single else images
         self.synthesizer.to(batch.device)
         out, masks, _ = synthesize_batch(self.synthesizer, batch, None, None, self.probability, self.generator)
-        self.calls += 1
         masks = masks.to(batch.dtype)
         return (out[0], masks[0]) if single else (out, masks)
 
