@@ -426,4 +426,4 @@ def test_cache_build_survives_sigkill_and_resumes_identically() -> None:
     spec = importlib.util.spec_from_file_location("cache_kill_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--kills", "1", "--images", "4", "--variants", "4", "--seed", "3"]) == 0
+    assert module.main(["--kills", "1", "--images", "4", "--variants", "4", "--size", "64", "--seed", "3"]) == 0
