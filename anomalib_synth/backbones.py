@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import BackboneWeightsError  # re-exported: anomalib_synth.backbones.BackboneWeightsError
+
 __all__ = [
     "BUILTIN",
     "BackboneWeightsError",
@@ -53,10 +55,6 @@ __all__ = [
 
 DEFAULT_TAG = "local"
 CONVERSION_VERSION = 1  # part of the converted file's name: bump when the conversion changes
-
-
-class BackboneWeightsError(ValueError):
-    """A weights file that does not fit its architecture, or pretrained weights that cannot be reached."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,14 @@ weights an ``OSError``.
 
 from __future__ import annotations
 
-__all__ = ["ImageReadError", "ModelNotFoundError", "RunMismatchError", "UnsupportedImageError", "USER_ERRORS"]
+__all__ = [
+    "USER_ERRORS",
+    "BackboneWeightsError",
+    "ImageReadError",
+    "ModelNotFoundError",
+    "RunMismatchError",
+    "UnsupportedImageError",
+]
 
 
 class ImageReadError(ValueError):
@@ -19,6 +26,11 @@ class UnsupportedImageError(ImageReadError):
 
 class ModelNotFoundError(OSError):
     """A model's weights are neither in a local folder nor reachable on (or cached from) the Hub."""
+
+
+class BackboneWeightsError(ValueError):
+    """A backbone weights file that does not fit its architecture, or pretrained weights that cannot be reached
+    (:mod:`anomalib_synth.backbones`)."""
 
 
 class RunMismatchError(ValueError):
