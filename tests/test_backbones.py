@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 import yaml
-from tiny_data import make_folder_dataset
+from tiny_data import folder_datamodule_config, make_folder_dataset
 
 from anomalib_synth.backbones import (
     BackboneWeightsError,
@@ -166,12 +166,7 @@ def test_offline_supersimplenet_config_trains_through_anomalib_synth_train(tmp_p
     }  # fmt: skip
     wrapper = config["data"]["init_args"]
     wrapper["cache_dir"] = str(tmp_path / "cache")
-    wrapper["datamodule"] = {
-        "class_path": "anomalib.data.Folder",
-        "init_args": {"name": "tiny", "root": str(root), "normal_dir": "good", "abnormal_dir": "defect",
-                      "normal_test_dir": "test_good", "mask_dir": "mask", "val_split_mode": "none",
-                      "train_batch_size": 1, "eval_batch_size": 4, "num_workers": 0},
-    }  # fmt: skip
+    wrapper["datamodule"] = folder_datamodule_config(root)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     result = _cli("train", "--config", str(path), cwd=tmp_path)

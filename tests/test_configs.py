@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_data import make_folder_dataset
+from tiny_data import folder_datamodule_config, make_folder_dataset
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -66,12 +66,7 @@ def test_anomalib_train_runs_a_config_on_tiny_data(tmp_path) -> None:
     config["model"]["init_args"].update(backbone="resnet18", pre_trained=False)
     wrapper = config["data"]["init_args"]
     wrapper["cache_dir"] = str(tmp_path / "cache")
-    wrapper["datamodule"] = {
-        "class_path": "anomalib.data.Folder",
-        "init_args": {"name": "tiny", "root": str(root), "normal_dir": "good", "abnormal_dir": "defect",
-                      "normal_test_dir": "test_good", "mask_dir": "mask", "val_split_mode": "none",
-                      "train_batch_size": 1, "eval_batch_size": 4, "num_workers": 0},
-    }  # fmt: skip
+    wrapper["datamodule"] = folder_datamodule_config(root)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     result = _cli("train", "--config", str(path), cwd=tmp_path)

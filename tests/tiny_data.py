@@ -13,7 +13,8 @@ from anomalib_synth.io import builtin_photo, resize, to_uint8
 from anomalib_synth.toydata import make_toy_folder as make_folder_dataset
 from anomalib_synth.toydata import toy_folder_datamodule as folder_datamodule
 
-__all__ = ["fake_captioned_mvtec", "folder_datamodule", "make_folder_dataset", "training_batch"]
+__all__ = ["fake_captioned_mvtec", "folder_datamodule", "folder_datamodule_config", "make_folder_dataset",
+           "training_batch"]
 
 
 def fake_captioned_mvtec(root: Path, size: int = 32) -> dict:
@@ -51,3 +52,14 @@ def training_batch() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     masks[1, :, 18:28, 10:30] = 1
     images = torch.where(masks.bool(), torch.tensor([0.1, 0.05, 0.0]).view(1, 3, 1, 1), images)  # drawn dark defects
     return images, masks, ["The coffee cup has a dark stain.", "The brick has a black hole."]
+
+
+def folder_datamodule_config(root: Path) -> dict:
+    """The ``class_path`` / ``init_args`` block of an anomalib ``Folder`` over :func:`make_folder_dataset` (1-shot
+    batches, no workers, no real anomalies in validation), for YAML configs in tests."""
+    return {
+        "class_path": "anomalib.data.Folder",
+        "init_args": {"name": "tiny", "root": str(root), "normal_dir": "good", "abnormal_dir": "defect",
+                      "normal_test_dir": "test_good", "mask_dir": "mask", "val_split_mode": "none",
+                      "train_batch_size": 1, "eval_batch_size": 4, "num_workers": 0},
+    }  # fmt: skip
