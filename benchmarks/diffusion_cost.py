@@ -438,7 +438,7 @@ def official_anomalyany(num_inference_steps: int = 200, gamma: float = 0.3, inne
 def synthesizer_counts(quick_models: dict[str, Path] | None = None) -> dict[str, dict[str, Any]]:
     """Per image, per synthesizer, from the code's defaults: operation -> count (UNet counts in images)."""
     from anomalib_synth.synthesizers import get, get_class
-    from anomalib_synth.synthesizers.diffusion.tiny import save_tiny_models
+    from anomalib_synth.testing import save_tiny_models
 
     with tempfile.TemporaryDirectory() as tmp:
         models = quick_models or save_tiny_models(tmp)

@@ -38,7 +38,7 @@ def main() -> None:
     from anomalib_synth.evaluation.data import load_category, load_images
     from anomalib_synth.io import to_uint8
     from anomalib_synth.synthesizers import get
-    from anomalib_synth.synthesizers.diffusion.tiny import save_tiny_models
+    from anomalib_synth.testing import save_tiny_models
     from anomalib_synth.training.xfusion import train_xfusion
 
     output = Path(args.output)

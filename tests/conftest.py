@@ -33,7 +33,7 @@ def object_on_background() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
     """Tiny random diffusion and CLIP models saved with ``save_pretrained`` (``sd``, ``sd-inpainting``, ``clip``)."""
-    from anomalib_synth.synthesizers.diffusion.tiny import save_tiny_models
+    from anomalib_synth.testing import save_tiny_models
 
     return save_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "anomalib_synth"
 
 LAYERS = {
     "errors": 0,
-    "io": 1, "seeding": 1,
+    "io": 1, "seeding": 1, "testing": 1,
     "synthesizers": 2,
     "transforms": 3, "writer": 3, "albumentations": 3, "metrics": 3, "backbones": 3,
     "synthesis": 4,
@@ -20,7 +24,7 @@ LAYERS = {
 }  # fmt: skip
 """Units of the package (first-level modules and subpackages), from the bottom up."""
 
-DEPRECATED_ALIASES = {"anomalib_synth.data.captions"}
+DEPRECATED_ALIASES = {"anomalib_synth.data.captions", "anomalib_synth.synthesizers.diffusion.tiny"}
 """Modules kept only to re-export a moved API with a deprecation warning."""
 
 
@@ -68,3 +72,11 @@ def test_imports_point_down() -> None:
             if there != here and LAYERS[there] >= LAYERS[here]:
                 upward.append(f"{module} imports {target} ({here}: layer {LAYERS[here]}, {there}: {LAYERS[there]})")
     assert not upward, "\n".join(sorted(upward))
+
+
+@pytest.mark.parametrize("alias", sorted(DEPRECATED_ALIASES))
+def test_deprecated_aliases_warn_and_reexport(alias: str) -> None:
+    sys.modules.pop(alias, None)
+    with pytest.warns(DeprecationWarning, match="moved to"):
+        module = importlib.import_module(alias)
+    assert module.__all__ and all(hasattr(module, name) for name in module.__all__)
