@@ -207,9 +207,11 @@ def fit_state_dict(
             candidates.append(wanted[: len(wanted) - n_head])
     pairs = next((c for c in candidates if len(c) == len(items)), None)
     if pairs is None:
-        msg = (f"{origin} does not fit {arch}: it has {len(items)} tensors under other names than timm's, "
-               f"{arch} has {len(full)} ({len(plain)} without BatchNorm counters"
-               + (f", {len(full) - len(classifier)} without its classifier)" if classifier else ")"))
+        msg = (
+            f"{origin} does not fit {arch}: it has {len(items)} tensors under other names than timm's, "
+            f"{arch} has {len(full)} ({len(plain)} without BatchNorm counters"
+            + (f", {len(full) - len(classifier)} without its classifier)" if classifier else ")")
+        )
         raise BackboneWeightsError(msg)
     has_counters = any(k.endswith(tracked) for k, _ in pairs)
     out: dict[str, Tensor] = {}

@@ -285,12 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-protocol budget, e.g. --budget draem:steps=10,batch_size=2")  # fmt: skip
     p.add_argument("--model", default="anomalib.models.Patchcore", help="anomalib protocol: model class path")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--backbone", default="efficientnet_lite0.local",
-                   help="timm backbone of PatchCore/SuperSimpleNet/GLASS and control-patchcore ('none': no such rows)")
-    p.add_argument("--layers", default="", help="backbone layers, comma-separated (default: blocks.1,blocks.2 for "
-                   "PatchCore, blocks.2,blocks.4 for SuperSimpleNet and GLASS)")
-    p.add_argument("--backbone-weights", action="append", default=[], metavar="NAME=PATH",
-                   help="register a local weights file as timm's pretrained NAME (e.g. resnet18.local=r18.pth)")
+    p.add_argument(
+        "--backbone",
+        default="efficientnet_lite0.local",
+        help="timm backbone of PatchCore/SuperSimpleNet/GLASS and control-patchcore ('none': no such rows)",
+    )
+    p.add_argument(
+        "--layers",
+        default="",
+        help="backbone layers, comma-separated (default: blocks.1,blocks.2 for "
+        "PatchCore, blocks.2,blocks.4 for SuperSimpleNet and GLASS)",
+    )
+    p.add_argument(
+        "--backbone-weights",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="register a local weights file as timm's pretrained NAME (e.g. resnet18.local=r18.pth)",
+    )
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
     p.add_argument("--output", required=True)
     p.add_argument("--quiet", "-q", action="store_true")

@@ -13,7 +13,6 @@ from conftest import gen
 from PIL import Image
 from tiny_data import fake_captioned_mvtec, training_batch
 
-from anomalib_synth.training.captions import match_captions
 from anomalib_synth.io import builtin_photo, resize, to_uint8
 from anomalib_synth.synthesizers import get
 from anomalib_synth.synthesizers.diffusion.anomalycontrol import (
@@ -23,6 +22,7 @@ from anomalib_synth.synthesizers.diffusion.anomalycontrol import (
     load_references,
 )
 from anomalib_synth.synthesizers.diffusion.loading import ModelNotFoundError
+from anomalib_synth.training.captions import match_captions
 from anomalib_synth.training.control import ReferencePairs
 
 

@@ -77,8 +77,11 @@ def test_a_file_that_does_not_fit_names_the_tensor_and_both_shapes(tmp_path) -> 
         register_weights("resnet18.bad", tmp_path / "bad.pth")
     renamed = {f"t{i}": v for i, v in enumerate(state.values())}
     torch.save(renamed, tmp_path / "bad_renamed.pth")
-    with pytest.raises(BackboneWeightsError, match=r"tensor #\d+ 't\d+' has shape \(64, 64, 1, 1\), resnet18's "
-                                                   r"tensor #\d+ 'layer1\.0\.conv1\.weight' expects \(64, 64, 3, 3\)"):
+    with pytest.raises(
+        BackboneWeightsError,
+        match=r"tensor #\d+ 't\d+' has shape \(64, 64, 1, 1\), resnet18's "
+        r"tensor #\d+ 'layer1\.0\.conv1\.weight' expects \(64, 64, 3, 3\)",
+    ):
         register_weights("resnet18.bad", tmp_path / "bad_renamed.pth")
     with pytest.raises(BackboneWeightsError, match="has 122 tensors .* efficientnet_lite0 has 296"):
         register_weights("efficientnet_lite0.bad", tmp_path / "ok.pth")
@@ -106,8 +109,10 @@ def test_pretrained_with_no_weights_reachable_is_a_clear_error(tmp_path, monkeyp
             check_pretrained("resnet18.nowhere")
     finally:
         torch.hub.set_dir(str(Path(torch.hub.get_dir()).parent / "hub"))
-    with pytest.raises(BackboneWeightsError, match="could not be loaded.*efficientnet_lite0.local"), \
-            explain_missing_weights():
+    with (
+        pytest.raises(BackboneWeightsError, match="could not be loaded.*efficientnet_lite0.local"),
+        explain_missing_weights(),
+    ):
         timm.create_model("resnet18.nowhere", pretrained=True)
 
 

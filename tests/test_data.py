@@ -118,7 +118,9 @@ def test_online_keeps_real_anomalies_and_respects_ratio(tiny_root, tmp_path) -> 
     assert torch.equal(out.image, batch.image) and out.gt_label.tolist() == [True, False, False, False]
     dm.anomaly_ratio = 1.0
     out = dm.synthesize_train_batch(batch, epoch=0)
-    assert out.gt_label.all() and torch.equal(out.gt_mask[0], real_mask[0]) and torch.equal(out.image[0], batch.image[0])
+    assert (
+        out.gt_label.all() and torch.equal(out.gt_mask[0], real_mask[0]) and torch.equal(out.image[0], batch.image[0])
+    )
 
 
 def test_online_synthesis_only_while_training(tiny_root, tmp_path) -> None:

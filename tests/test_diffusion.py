@@ -350,7 +350,9 @@ def test_anomalyany_low_precision_keeps_fp32_master_copies(tiny, photos, dtype) 
     assert low.unet.dtype == getattr(torch, dtype)
     a, b = full(photos[:1], generator=gen(0)).params[0], low(photos[:1], generator=gen(0)).params[0]
     # the official weight of L_att is 0 at the first executed step: the latent moves from the second one on
-    assert all(s > 0 for s in b["prompt_step"]) and b["latent_step"][0] == 0 and all(s > 0 for s in b["latent_step"][1:])
+    assert (
+        all(s > 0 for s in b["prompt_step"]) and b["latent_step"][0] == 0 and all(s > 0 for s in b["latent_step"][1:])
+    )
     assert b["prompt_step"] == pytest.approx(a["prompt_step"], rel=0.1)
     assert b["latent_step"] == pytest.approx(a["latent_step"], rel=0.2)
 

@@ -12,7 +12,6 @@ from conftest import gen
 from PIL import Image
 from tiny_data import fake_captioned_mvtec, training_batch
 
-from anomalib_synth.training.captions import CaptionedDefects, match_captions
 from anomalib_synth.io import builtin_photo, resize, to_uint8
 from anomalib_synth.synthesizers import get
 from anomalib_synth.synthesizers.diffusion.loading import ModelNotFoundError
@@ -22,6 +21,7 @@ from anomalib_synth.synthesizers.diffusion.xfusion import (
     XFusionAdapter,
     XFusionModel,
 )
+from anomalib_synth.training.captions import CaptionedDefects, match_captions
 
 
 def test_caption_loader_matches_files(tmp_path) -> None:

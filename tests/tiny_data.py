@@ -13,8 +13,13 @@ from anomalib_synth.io import builtin_photo, resize, to_uint8
 from anomalib_synth.toydata import make_toy_folder as make_folder_dataset
 from anomalib_synth.toydata import toy_folder_datamodule as folder_datamodule
 
-__all__ = ["fake_captioned_mvtec", "folder_datamodule", "folder_datamodule_config", "make_folder_dataset",
-           "training_batch"]
+__all__ = [
+    "fake_captioned_mvtec",
+    "folder_datamodule",
+    "folder_datamodule_config",
+    "make_folder_dataset",
+    "training_batch",
+]
 
 
 def fake_captioned_mvtec(root: Path, size: int = 32) -> dict:

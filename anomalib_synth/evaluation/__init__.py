@@ -13,6 +13,20 @@ from .scores import METRICS, evaluate_maps
 PROTOCOLS = tuple(REGISTRY)
 """Names of the protocols registered at import."""
 
-__all__ = ["CONTROLS", "METRICS", "PROTOCOLS", "REGISTRY", "Budget", "CategoryData", "EvalConfig", "Outcome",
-           "Protocol", "RunContext", "evaluate", "evaluate_maps", "get_protocol", "load_category",
-           "register_protocol"]
+__all__ = [
+    "CONTROLS",
+    "METRICS",
+    "PROTOCOLS",
+    "REGISTRY",
+    "Budget",
+    "CategoryData",
+    "EvalConfig",
+    "Outcome",
+    "Protocol",
+    "RunContext",
+    "evaluate",
+    "evaluate_maps",
+    "get_protocol",
+    "load_category",
+    "register_protocol",
+]

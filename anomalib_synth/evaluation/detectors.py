@@ -46,7 +46,9 @@ both are scaled by 1/4. Everything else (20 gradient-ascent steps, radius, focal
 Measured on one core at 256 px, batch 4: 4.5 s per step with hidden 1024, 1.4 s with 256 (CPU time)."""
 
 
-def _predict(model: torch.nn.Module, images: Tensor, size: tuple[int, int], batch_size: int = 8) -> tuple[Tensor, Tensor]:
+def _predict(
+    model: torch.nn.Module, images: Tensor, size: tuple[int, int], batch_size: int = 8
+) -> tuple[Tensor, Tensor]:
     """Raw ``(maps [N, H, W], image scores [N])`` of an anomalib model (pre-processor on, post-processor skipped)."""
     model.eval()
     maps, scores = [], []
@@ -67,8 +69,13 @@ def fit_patchcore(ctx: RunContext, cache: FeatureCache | None = None):
     from anomalib.models import Patchcore
 
     torch.manual_seed(ctx.seed)
-    model = Patchcore(backbone=ctx.config.backbone, layers=ctx.config.layers_for("patchcore"), pre_trained=True,
-                      coreset_sampling_ratio=1.0, pre_processor=Patchcore.configure_pre_processor(image_size=ctx.size))
+    model = Patchcore(
+        backbone=ctx.config.backbone,
+        layers=ctx.config.layers_for("patchcore"),
+        pre_trained=True,
+        coreset_sampling_ratio=1.0,
+        pre_processor=Patchcore.configure_pre_processor(image_size=ctx.size),
+    )
     if cache is not None:
         cache_frozen_features(model, cache)
     model.model.train()

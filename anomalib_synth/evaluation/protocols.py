@@ -47,8 +47,7 @@ PLACES_ON_OBJECT = ("perlin", "cutpaste", "scar", "nsa")
 """Synthesizers the harness runs with ``foreground="auto"`` (defects on the object; textures keep the whole image)."""
 
 
-def make_synthesizer(name: str, texture_dir: str | None, test_images: list | None = None, **kwargs: Any
-) -> Synthesizer:
+def make_synthesizer(name: str, texture_dir: str | None, test_images: list | None = None, **kwargs: Any) -> Synthesizer:
     """Build ``name``, giving ``texture_dir`` to every synthesizer that takes an anomaly source; ``a+b+c`` is a
     per-sample mix of them (:class:`~.mix.MixSynthesizer`).
 
@@ -75,7 +74,9 @@ def make_synthesizer(name: str, texture_dir: str | None, test_images: list | Non
 def _predict(net: torch.nn.Module, images: Tensor, batch_size: int = 16) -> Tensor:
     net.eval()
     with torch.no_grad():
-        return torch.cat([torch.sigmoid(net(images[i : i + batch_size]))[:, 0] for i in range(0, len(images), batch_size)])
+        return torch.cat(
+            [torch.sigmoid(net(images[i : i + batch_size]))[:, 0] for i in range(0, len(images), batch_size)]
+        )
 
 
 def dice_loss(probabilities: Tensor, target: Tensor) -> Tensor:

@@ -148,8 +148,10 @@ def write_report(config: Any, records: list[dict[str, Any]], output: Path, machi
     lines = [
         f"# k-shot evaluation ({config.shots}-shot, {len(config.seeds)} seeds, {'/'.join(map(str, sizes))} px)",
         "",
-        (f"Machine: {machine}. Data: `{config.data_root}`. Backbone of the anomalib detectors: {backbone}. "
-         f"Textures: {textures}"),
+        (
+            f"Machine: {machine}. Data: `{config.data_root}`. Backbone of the anomalib detectors: {backbone}. "
+            f"Textures: {textures}"
+        ),
         "",
         legend,
     ]
@@ -222,7 +224,9 @@ def plot_strips(records: list[dict[str, Any]], output: Path, data_root: Path) ->
         images = runs[0]["preview_images"]
         samples = {str(s.image): s for s in load_category(data_root, category).test}
         row_images = torch.cat([resize(read_image(p), (64, 64)) for p in images], dim=2)
-        row_masks = torch.cat([read_mask(samples[p].masks, (64, 64)).float()[None].expand(3, -1, -1) for p in images], 2)
+        row_masks = torch.cat(
+            [read_mask(samples[p].masks, (64, 64)).float()[None].expand(3, -1, -1) for p in images], 2
+        )
         rows = [("image", to_uint8(row_images)), ("ground truth", to_uint8(row_masks))]
         for r in runs:
             with Image.open(output / r["preview"]) as img:

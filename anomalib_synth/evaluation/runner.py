@@ -128,8 +128,18 @@ def run_path(output: Path, protocol: str, category: str, method: str, seed: int)
     return output / "runs" / protocol / category.strip("/") / method / f"seed{seed}.json"
 
 
-RUN_SETTINGS = ("data_root", "shots", "image_size", "texture_dir", "budgets", "model", "model_args", "backbone",
-                "layers", "backbone_weights")
+RUN_SETTINGS = (
+    "data_root",
+    "shots",
+    "image_size",
+    "texture_dir",
+    "budgets",
+    "model",
+    "model_args",
+    "backbone",
+    "layers",
+    "backbone_weights",
+)
 """Settings that change a run's result: a resumed evaluation must use the same ones."""
 
 
@@ -259,7 +269,9 @@ def evaluate(config: EvalConfig, output: str | Path, progress: bool = True) -> d
     tasks = plan(config)
     todo = [t for t in tasks if not run_path(output, **t).is_file()]
     args = [(t, asdict(config), str(output)) for t in todo]
-    with tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="evaluate", unit="run", disable=not progress) as bar:
+    with tqdm(
+        total=len(tasks), initial=len(tasks) - len(todo), desc="evaluate", unit="run", disable=not progress
+    ) as bar:
         if config.workers > 1 and len(todo) > 1:
             context = mp.get_context("spawn")
             with context.Pool(config.workers, maxtasksperchild=32) as pool:

@@ -38,9 +38,7 @@ class AnomalibPerlinSynthesizer(Synthesizer):
     """
 
     description = "anomalib's PerlinAnomalyGenerator (per-image loop, global RNG isolated): the baseline"
-    cost = (
-        "No network. anomalib's per-image loop (the baseline of the speed ratios)."
-    )
+    cost = "No network. anomalib's per-image loop (the baseline of the speed ratios)."
     texture_argument = "texture_dir"
     _param_keys = ("seed",)
 

@@ -19,8 +19,8 @@ import dataclasses
 import functools
 import inspect
 import math
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -159,6 +159,10 @@ class Synthesizer(nn.Module):
     """The constructor argument that takes an anomaly-source folder (e.g. DTD), if the synthesizer has one."""
     cost: ClassVar[str] = ""
     """One paragraph on the compute cost (shown in the generated docs page)."""
+    keeps_pixels_outside_mask: ClassVar[bool] = True
+    """Whether every pixel outside the returned mask is the input's own, bit-exact (the README's promise). A
+    synthesizer that sets it to ``False`` declares how far its changes reach in :meth:`affected_region`; the contract
+    tests check that nothing changes beyond it."""
 
     def forward(
         self,
@@ -195,6 +199,11 @@ class Synthesizer(nn.Module):
     def apply(self, images: Tensor, params: Params) -> SynthesisResult:
         """Apply drawn ``params`` to ``images`` deterministically."""
         raise NotImplementedError
+
+    def affected_region(self, masks: Tensor) -> Tensor:
+        """Bool ``[B, 1, H, W]``: where a call that returned ``masks`` may have changed pixels (the mask itself,
+        unless the class declares ``keeps_pixels_outside_mask = False``)."""
+        return masks > 0.5
 
     config_ignore: ClassVar[tuple[str, ...]] = ("device", "local_files_only", "progress")
     """Constructor arguments that do not change the output (left out of :meth:`config` and so of cache keys)."""

@@ -81,9 +81,7 @@ class CutPasteSynthesizer(Synthesizer):
     """
 
     description = "CutPaste (normal or scar): a jittered, rotated patch of the same or another image pasted elsewhere"
-    cost = (
-        "No network. One packed `grid_sample` over the masked pixels of the whole batch."
-    )
+    cost = "No network. One packed `grid_sample` over the masked pixels of the whole batch."
     _param_keys = ("num_defects", "source_index", "height", "width", "angle", "centre")
 
     def __init__(

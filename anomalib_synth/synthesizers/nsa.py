@@ -57,9 +57,7 @@ class NSASynthesizer(Synthesizer):
     """
 
     description = "NSA: a resized patch of another image Poisson-blended elsewhere; the mask marks what changed"
-    cost = (
-        "No network. A batched coarse-to-fine membrane (Poisson) solve in a window around each patch."
-    )
+    cost = "No network. A batched coarse-to-fine membrane (Poisson) solve in a window around each patch."
     _param_keys = ("num_defects", "source_index", "height", "width", "scale", "centre")
 
     def __init__(

@@ -7,8 +7,8 @@ Automatic estimation (``foreground="auto"``), batched and sync-free:
    256-bin histogram per image.
 3. The mask is cleaned by a morphological opening and closing (radius ``~min(H, W) / 100``).
 4. If fewer than ``border_agreement`` (90 %) of the border pixels fall in the background class (before step 3),
-   the image has no uniform background (a texture such as carpet, grid, brick): its whole area is foreground. The same holds when the
-   estimated foreground covers less than 1 % of the image.
+   the image has no uniform background (a texture such as carpet, grid, brick): its whole area is foreground. The
+   same holds when the estimated foreground covers less than 1 % of the image.
 
 This suits MVTec-style objects photographed on a plain background (bottle, hazelnut, screw, capsule, ...). For other
 set-ups pass ``fg_masks`` explicitly.

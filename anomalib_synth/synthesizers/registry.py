@@ -63,7 +63,9 @@ def names(kind: str | None = None, requires_weights: bool | None = None) -> list
             selected.append(name)
             continue
         cls = get_class(name)
-        if (kind is None or cls.kind == kind) and (requires_weights is None or cls.requires_weights == requires_weights):
+        if (kind is None or cls.kind == kind) and (
+            requires_weights is None or cls.requires_weights == requires_weights
+        ):
             selected.append(name)
     return selected
 

@@ -18,9 +18,7 @@ class ScarSynthesizer(CutPasteSynthesizer):
     """
 
     description = "CutPaste-scar: a thin, long, rotated patch pasted elsewhere (scratch-sized)"
-    cost = (
-        "No network. As `cutpaste`, with thin patches."
-    )
+    cost = "No network. As `cutpaste`, with thin patches."
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("mode", "scar")

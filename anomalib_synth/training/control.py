@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .captions import CaptionedDefect, CaptionedDefects
 from ..synthesizers.diffusion.anomalycontrol import BLIP2_ITM
 from ..synthesizers.diffusion.loading import SD15_INPAINTING
 from ..synthesizers.validation import check_choice
+from .captions import CaptionedDefect, CaptionedDefects
 from .runner import AdapterModule
 
 __all__ = ["PAIRINGS", "ControlTraining", "ReferencePairs", "train_control"]

@@ -502,6 +502,18 @@ class AnomalyControlSynthesizer(DiffusionSynthesizer):
         "passes (ASEA never backpropagates through the ViT-g)."
     )
     _param_keys = ("prompt", "seed", "reference")
+    keeps_pixels_outside_mask = False  # the paper's blurred composite softens a halo around the mask
+
+    def composite_weights(self, masks: Tensor) -> Tensor:
+        """The blurred target mask the output is composited through: 0 (the input, bit-exact) where the blur is
+        ~0, so at most ``3 sigma`` px outside the mask."""
+        sigma = max(self.blur_sigma * masks.shape[-1] / 512, 1e-3)
+        k = 2 * int(3 * sigma) + 1
+        soft = gaussian_blur2d(masks.float(), (k, k), (sigma, sigma)) if k > 1 else masks.float()
+        return torch.where(soft > 1e-3, soft, torch.zeros_like(soft))
+
+    def affected_region(self, masks: Tensor) -> Tensor:
+        return self.composite_weights(masks) > 0
 
     def __init__(self, references: str | Path | None = None, adapter: str | Path | None = None,
                  base_model: str | Path | None = None, vlm: str | Path | None = None, num_inference_steps: int = 50,
@@ -567,9 +579,6 @@ class AnomalyControlSynthesizer(DiffusionSynthesizer):
                             antialias=True, align_corners=False).clamp(0, 1)  # fmt: skip
         if images.shape[1] == 1:
             out = out.mean(1, keepdim=True)
-        sigma = max(self.blur_sigma * images.shape[-1] / 512, 1e-3)
-        k = 2 * int(3 * sigma) + 1
-        soft = gaussian_blur2d(masks.float(), (k, k), (sigma, sigma)) if k > 1 else masks.float()
-        soft = torch.where(soft > 1e-3, soft, torch.zeros_like(soft))  # exactly the input where the blur is ~0
+        soft = self.composite_weights(masks)
         result = torch.where(soft > 0, torch.lerp(images.float(), out, soft).to(images.dtype), images)
         return self._result(images, result, masks, params, self._param_keys)
