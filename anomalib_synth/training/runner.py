@@ -10,24 +10,9 @@ import torch
 from lightning.pytorch import LightningModule
 from torch.utils.data import Dataset
 
+from ..synthesizers.diffusion.lightning_module import AdapterModule
+
 __all__ = ["AdapterModule", "fit_adapter"]
-
-
-class AdapterModule(LightningModule):
-    """Base of the adapter trainers: ``self.model`` has ``trainable_parameters()`` and ``save_adapter()``; AdamW on
-    those parameters; checkpoints keep only them (the frozen base models are referenced, never copied)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.strict_loading = False  # checkpoints hold only the trainable weights
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.model.trainable_parameters(), lr=self.hparams.lr,
-                                 weight_decay=self.hparams.weight_decay)  # fmt: skip
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
 
 def fit_adapter(
