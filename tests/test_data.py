@@ -243,7 +243,7 @@ def test_cache_key_changes_with_every_setting(tiny_root) -> None:
 
 # a valid non-default value for every constructor argument of the classical synthesizers
 ALTERNATIVES = {
-    "area_range": (0.05, 0.1), "beta": (0.4, 0.9), "foreground": "auto", "max_textures": 8, "min_area": 0.01,
+    "area_range": (0.05, 0.1), "beta": (0.4, 0.9), "foreground": "none", "max_textures": 8, "min_area": 0.01,
     "n_augment": 2, "rotation": (-10.0, 10.0), "scale_range": (1, 3), "texture_dir": "TEXTURES", "texture_size": 64,
     "threshold": 0.6, "aspect_range": (0.5, 2.0), "jitter": 0.2, "mode": "scar", "num_defects": (1, 2),
     "scar_height": (12.0, 20.0), "scar_width": (3.0, 9.0), "source": "other", "change_threshold": 0.05,

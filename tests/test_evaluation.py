@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -264,3 +265,31 @@ def test_the_detectors_accelerator_is_configurable(tmp_path) -> None:
 
     assert _engine(tmp_path, Budget(), [])._cache.args["accelerator"] == "cpu"
     assert _engine(tmp_path, Budget(accelerator="auto"), [])._cache.args["accelerator"] == "auto"
+
+
+@pytest.mark.parametrize("protocol", ["segmentation", "draem", "anomalib"])
+def test_every_protocol_passes_the_test_images_to_the_leakage_check(protocol: str, tmp_path, monkeypatch) -> None:
+    """A synthesizer that has seen a test image is refused before any training, by every protocol."""
+    from anomalib_synth.evaluation.base import REGISTRY, Budget, RunContext
+    from anomalib_synth.training import leakage
+
+    checked = []
+
+    def refuse(source, tested, on_overlap="error", what=""):
+        checked.append([str(p) for p in tested])
+        raise leakage.LeakageError(f"{what} has seen a test image")
+
+    monkeypatch.setattr(leakage, "check_leakage", refuse)
+    test_paths = [tmp_path / "bottle" / "test" / "crack" / "000.png"]
+    images = torch.rand(1, 3, 32, 32)
+    config = SimpleNamespace(
+        texture_dir=None,
+        model="anomalib.models.Patchcore",
+        model_args={"backbone": "resnet18", "layers": ["layer2"], "pre_trained": False},
+    )
+    ctx = RunContext(config, "bottle", 0, Budget(steps=1, batch_size=1), (32, 32), [tmp_path / "shot.png"], images,
+                     images, torch.zeros(1, 32, 32, dtype=torch.bool), torch.zeros(1, dtype=torch.bool),
+                     test_paths=test_paths)  # fmt: skip
+    with pytest.raises(leakage.LeakageError, match="cutpaste has seen a test image"):
+        REGISTRY[protocol].train("cutpaste", ctx)
+    assert checked == [[str(test_paths[0])]]

@@ -43,15 +43,12 @@ from .unet import UNet
 __all__ = ["CONTROLS", "Budget", "anomalib_model", "draem", "make_synthesizer", "segmentation", "shot_difference"]
 
 
-PLACES_ON_OBJECT = ("perlin", "cutpaste", "scar", "nsa")
-"""Synthesizers the harness runs with ``foreground="auto"`` (defects on the object; textures keep the whole image)."""
-
-
 def make_synthesizer(name: str, texture_dir: str | None, test_images: list | None = None, **kwargs: Any) -> Synthesizer:
     """Build ``name``, giving ``texture_dir`` to every synthesizer that takes an anomaly source; ``a+b+c`` is a
     per-sample mix of them (:class:`~.mix.MixSynthesizer`).
 
-    Ours place defects on the estimated object (``foreground="auto"``); anomalib's baseline has no such option.
+    Ours place defects on the estimated object (their default ``foreground="auto"``); anomalib's baseline has no such
+    option.
     With ``test_images``, a synthesizer that has seen any of them (an adapter trained on them, or references among
     them) is refused (:func:`~anomalib_synth.training.leakage.check_leakage`).
     """
@@ -61,8 +58,6 @@ def make_synthesizer(name: str, texture_dir: str | None, test_images: list | Non
     argument = get_class(name).texture_argument
     if texture_dir is not None and argument is not None:
         kwargs.setdefault(argument, texture_dir)
-    if name in PLACES_ON_OBJECT:
-        kwargs.setdefault("foreground", "auto")
     synth = get(name, **kwargs)
     if test_images is not None:
         from ..training.leakage import check_leakage
@@ -200,8 +195,11 @@ def draem(
     size: tuple[int, int],
     texture_dir: str | None,
     train: bool = True,
+    test_paths: list | None = None,
 ) -> Tensor:
-    """Train anomalib's DRAEM on the shots with ``synthesizer`` as its generator; maps of ``test_images``."""
+    """Train anomalib's DRAEM on the shots with ``synthesizer`` as its generator; maps of ``test_images``.
+
+    With ``test_paths``, a synthesizer that has seen any test image is refused (the leakage check)."""
     from anomalib.models import Draem
     from lightning.pytorch import seed_everything
 
@@ -216,7 +214,7 @@ def draem(
             return _anomaly_maps(model, test_images, size)
         callbacks = []
         if synthesizer != "anomalib-perlin":  # stock DRAEM keeps its own generator (probability 0.5)
-            synth = make_synthesizer(synthesizer, texture_dir)
+            synth = make_synthesizer(synthesizer, texture_dir, test_paths)
             callbacks.append(SynthesizerSwap(synth, probability=budget.anomaly_ratio, seed=seed))
         datamodule = shots_datamodule(shot_paths, repeats=budget.batch_size, batch_size=budget.batch_size)
         _engine(Path(tmp), budget, callbacks).fit(model=model, datamodule=datamodule)
@@ -247,8 +245,11 @@ def anomalib_model(
     model: str = "anomalib.models.Patchcore",
     init_args: dict[str, Any] | None = None,
     train: bool = True,
+    test_paths: list | None = None,
 ) -> Tensor:
-    """Train any anomalib model through :class:`SyntheticAnomalyDataModule` (``synthesizer="none"``: plain)."""
+    """Train any anomalib model through :class:`SyntheticAnomalyDataModule` (``synthesizer="none"``: plain).
+
+    With ``test_paths``, a synthesizer that has seen any test image is refused (the leakage check)."""
     from lightning.pytorch import seed_everything
 
     from ..data import SyntheticAnomalyDataModule
@@ -264,7 +265,7 @@ def anomalib_model(
         datamodule = shots_datamodule(shot_paths, repeats=repeats, batch_size=budget.batch_size)
         if synthesizer != "none":
             datamodule = SyntheticAnomalyDataModule(
-                datamodule, make_synthesizer(synthesizer, texture_dir),
+                datamodule, make_synthesizer(synthesizer, texture_dir, test_paths),
                 anomaly_ratio=budget.anomaly_ratio if consumes_labels else 0.0,
                 synthetic_val=True, cache_dir=str(Path(tmp) / "cache"), seed=seed, image_size=size,
             )  # fmt: skip
@@ -303,7 +304,7 @@ class DraemProtocol(Protocol):
 
     def train(self, method: str, ctx: RunContext) -> Outcome:
         maps = draem(ctx.shot_paths, ctx.test_images, method, ctx.seed, ctx.budget, ctx.size, ctx.texture_dir,
-                     train=method != "control-untrained")  # fmt: skip
+                     train=method != "control-untrained", test_paths=ctx.test_paths)  # fmt: skip
         return Outcome(maps)
 
 
@@ -319,5 +320,6 @@ class AnomalibProtocol(Protocol):
 
     def train(self, method: str, ctx: RunContext) -> Outcome:
         maps = anomalib_model(ctx.shot_paths, ctx.test_images, method, ctx.seed, ctx.budget, ctx.size,
-                              ctx.texture_dir, ctx.config.model, ctx.config.model_args)  # fmt: skip
+                              ctx.texture_dir, ctx.config.model, ctx.config.model_args,
+                              test_paths=ctx.test_paths)  # fmt: skip
         return Outcome(maps)

@@ -39,6 +39,7 @@ class AnomalibPerlinSynthesizer(Synthesizer):
 
     description = "anomalib's PerlinAnomalyGenerator (per-image loop, global RNG isolated): the baseline"
     cost = "No network. anomalib's per-image loop (the baseline of the speed ratios)."
+    anomalous_inside_any_foreground = False  # anomalib places its blob anywhere; the mask is only cut to the foreground
     texture_argument = "texture_dir"
     _param_keys = ("seed",)
 

@@ -200,6 +200,10 @@ class Synthesizer(nn.Module):
         """Apply drawn ``params`` to ``images`` deterministically."""
         raise NotImplementedError
 
+    anomalous_inside_any_foreground: ClassVar[bool] = True
+    """Whether every sample with a non-empty foreground comes out anomalous. ``False`` for a method that places
+    its defect without looking at the foreground and only cuts the mask to it (which may leave it empty)."""
+
     def affected_region(self, masks: Tensor) -> Tensor:
         """Bool ``[B, 1, H, W]``: where a call that returned ``masks`` may have changed pixels (the mask itself,
         unless the class declares ``keeps_pixels_outside_mask = False``)."""

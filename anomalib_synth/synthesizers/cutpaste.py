@@ -37,7 +37,7 @@ from .ops import (
     to_local,
     uniform,
 )
-from .placement import check_foreground_mode, resolve_foreground, sample_centres
+from .placement import DEFAULT_FOREGROUND, check_foreground_mode, resolve_foreground, sample_centres
 from .registry import register
 from .validation import check_choice, check_int_range, check_range
 
@@ -77,7 +77,8 @@ class CutPasteSynthesizer(Synthesizer):
             hue (``+- jitter * pi`` rad). Defaults to ``0.1``.
         num_defects (tuple[int, int], optional): number of patches per image, inclusive. Defaults to ``(1, 1)``.
         foreground (str, optional): ``"none"`` or ``"auto"``; patch centres are drawn inside the foreground and the
-            mask is cut to it. Defaults to ``"none"``.
+            mask is cut to it. Defaults to ``"auto"``
+            (:data:`~anomalib_synth.synthesizers.placement.DEFAULT_FOREGROUND`).
     """
 
     description = "CutPaste (normal or scar): a jittered, rotated patch of the same or another image pasted elsewhere"
@@ -95,7 +96,7 @@ class CutPasteSynthesizer(Synthesizer):
         rotation: tuple[float, float] = (-45.0, 45.0),
         jitter: float = 0.1,
         num_defects: tuple[int, int] = (1, 1),
-        foreground: str = "none",
+        foreground: str = DEFAULT_FOREGROUND,
     ) -> None:
         super().__init__()
         self.mode = check_choice("mode", mode, MODES)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .base import Params, SynthesisResult, Synthesizer
 from .ops import fill_holes, rand, randint, rigid_grid, sample_derangement, uniform
-from .placement import check_foreground_mode, resolve_foreground, sample_centres
+from .placement import DEFAULT_FOREGROUND, check_foreground_mode, resolve_foreground, sample_centres
 from .poisson import seamless_clone
 from .registry import register
 from .validation import check_int_range, check_range
@@ -49,7 +49,8 @@ class NSASynthesizer(Synthesizer):
         change_threshold (float, optional): smallest change (in ``[0, 1]`` intensity) counted as anomalous.
             Defaults to ``0.03``.
         foreground (str, optional): ``"none"`` or ``"auto"``; patch centres are drawn inside the foreground and the
-            blend is limited to it. Defaults to ``"none"``.
+            blend is limited to it. Defaults to ``"auto"``
+            (:data:`~anomalib_synth.synthesizers.placement.DEFAULT_FOREGROUND`).
         sweeps (int, optional): Jacobi sweeps per resolution level of the Poisson solver. Defaults to ``4``.
         min_visible (float, optional): if the blend changes less than this fraction of a patch (look-alike
             textures), the patch is pasted without blending instead, so the sample stays a visible anomaly. ``0``
@@ -66,7 +67,7 @@ class NSASynthesizer(Synthesizer):
         scale: tuple[float, float] = (0.7, 1.3),
         num_defects: tuple[int, int] = (1, 1),
         change_threshold: float = 0.03,
-        foreground: str = "none",
+        foreground: str = DEFAULT_FOREGROUND,
         sweeps: int = 4,
         min_visible: float = 0.3,
     ) -> None:

@@ -45,7 +45,7 @@ from .ops import (
     to_grayscale,
     uniform,
 )
-from .placement import check_foreground_mode, resolve_foreground
+from .placement import DEFAULT_FOREGROUND, check_foreground_mode, resolve_foreground
 from .registry import register
 from .validation import check_range
 
@@ -177,7 +177,8 @@ class PerlinSynthesizer(Synthesizer):
         min_area (float, optional): smallest mask, as a fraction of the image. Defaults to ``0.002``.
         foreground (str, optional): ``"none"`` (anywhere) or ``"auto"`` (estimated object region, see
             :mod:`anomalib_synth.synthesizers.placement`). ``fg_masks`` passed to the call take precedence.
-            Defaults to ``"none"``.
+            Defaults to ``"auto"``
+            (:data:`~anomalib_synth.synthesizers.placement.DEFAULT_FOREGROUND`).
         texture_size (int, optional): side length textures are stored at (uint8, in memory). Defaults to ``256``.
         max_textures (int, optional): at most this many textures are preloaded
             (evenly spaced in sorted order), so that no disk read happens per call. Defaults to ``256``.
@@ -204,7 +205,7 @@ class PerlinSynthesizer(Synthesizer):
         rotation: tuple[float, float] = (-90.0, 90.0),
         n_augment: int = 3,
         min_area: float = 0.002,
-        foreground: str = "none",
+        foreground: str = DEFAULT_FOREGROUND,
         texture_size: int = 256,
         max_textures: int = 256,
     ) -> None:

@@ -10,7 +10,7 @@ Automatic estimation (``foreground="auto"``), batched and sync-free:
    the image has no uniform background (a texture such as carpet, grid, brick): its whole area is foreground. The
    same holds when the estimated foreground covers less than 1 % of the image.
 
-This suits MVTec-style objects photographed on a plain background (bottle, hazelnut, screw, capsule, ...). For other
+This is the default of every synthesizer (:data:`DEFAULT_FOREGROUND`). It suits MVTec-style objects photographed on a plain background (bottle, hazelnut, screw, capsule, ...). For other
 set-ups pass ``fg_masks`` explicitly.
 """
 
@@ -26,6 +26,10 @@ from .validation import check_choice
 
 ForegroundMode = Literal["none", "auto"]
 FOREGROUND_MODES = ("none", "auto")
+DEFAULT_FOREGROUND: ForegroundMode = "auto"
+"""The one default of every synthesizer's ``foreground`` option: defects go on the estimated object, and textures
+(no uniform background) keep the whole image. A defect on the empty background of a bottle is not an anomaly any
+inspector would see; ``"none"`` (anywhere) remains one argument away."""
 
 
 def _border(x: Tensor) -> Tensor:
