@@ -43,8 +43,9 @@ def load_adapter(adapter: str | Path, local_files_only: bool | None = None) -> S
     if kind == "old":
         return path
     if kind is None and (path.exists() or path.is_absolute() or str(adapter).startswith((".", "~"))):
-        msg = (f"AnomalyControl adapter: {str(adapter)!r} is not a saved adapter (no config.json); train one with "
-               "`anomalib-synth train control ... --output DIR` and pass DIR/adapter")  # fmt: skip
+        problem = "has no config.json (not a saved adapter)" if path.exists() else "does not exist"
+        msg = (f"AnomalyControl adapter: {str(adapter)!r} {problem}; train one with `anomalib-synth train control ... "
+               "--output DIR` and pass DIR/adapter")  # fmt: skip
         raise ModelNotFoundError(msg)
     what = "AnomalyControl: adapter (SGA, from `anomalib-synth train control`)"
     return load_pretrained(SemanticGuidedAdapter, adapter, what, local_files_only)
