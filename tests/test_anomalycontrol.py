@@ -24,6 +24,7 @@ from anomalib_synth.synthesizers.diffusion.anomalycontrol import (
 from anomalib_synth.synthesizers.diffusion.loading import ModelNotFoundError
 from anomalib_synth.training.captions import match_captions
 from anomalib_synth.training.control import ReferencePairs
+from anomalib_synth.training.leakage import training_images_of
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +96,15 @@ def test_sga_only_on_cross_attention_and_scale_zero_is_the_plain_unet(tiny) -> N
     sample, text = torch.randn(2, 9, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
     with torch.no_grad():
         plain = unet(sample, 50, encoder_hidden_states=text).sample
-    sga = SemanticGuidedAdapter(feature_dim=32, cross_attention_dim=32, image_embed_dim=48, num_tokens=4)
+    sga = SemanticGuidedAdapter.for_unet(unet, feature_dim=32, image_embed_dim=48, num_tokens=4)
     sga.install(unet, scale=0.0)
     procs = unet.attn_processors
     assert all(isinstance(p, IPAdapterAttnProcessor2_0) == (".attn2." in n) for n, p in procs.items())
+    assert [procs[f"{name}.processor"] for name in sga.config.layers] == list(sga.ip_attention), "shared, not copied"
+    assert unet.encoder_hid_proj.image_projection_layers[0] is sga.image_proj
+    for name, proc in sga.processors().items():  # K_ip, V_ip start from the text K, V (the paper's initialisation)
+        assert torch.equal(proc.to_k_ip[0].weight, unet.get_submodule(name).to_k.weight)
+        assert torch.equal(proc.to_v_ip[0].weight, unet.get_submodule(name).to_v.weight)
     embeds = sga(torch.randn(2, 32, generator=g))
     with torch.no_grad():
         out = unet(sample, 50, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [embeds]}).sample
@@ -132,8 +138,25 @@ def test_training_loss_falls_and_adapter_round_trip(tiny, tmp_path) -> None:
     with torch.no_grad():
         after = float(model.training_loss(images, masks, captions, features, **fixed))
     assert after < 0.95 * before, (before, after)
+    model.training_data = {
+        "images": [{"image": "/data/bottle/test/crack/000.png"}],
+        "keys": ["bottle/test/crack/000.png"],
+    }
     folder = model.save_adapter(tmp_path / "adapter")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     loaded = AnomalyControlModel(adapter=folder, asea_steps=2).eval()
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.sga.config) == public(model.sga.config), "identical config"
+    assert loaded.sga.config.base_model == str(tiny["sd-inpainting"]) and loaded.sga.config.vlm == str(tiny["blip2"])
+    assert loaded.sga.config.scale == loaded.scale == 1.0 and loaded.training_data == model.training_data
+    trained = model.sga.state_dict()
+    assert trained.keys() == loaded.sga.state_dict().keys()
+    assert all(torch.equal(v, loaded.sga.state_dict()[k]) for k, v in trained.items()), "identical weights"
+    assert not torch.equal(trained["ip_attention.0.to_k_ip.0.weight"],
+                           model.unet.get_submodule(model.sga.config.layers[0]).to_k.weight), "K_ip trained"  # fmt: skip
+    direct = SemanticGuidedAdapter.from_pretrained(folder)  # diffusers' own loading, no AnomalyControl code
+    assert all(torch.equal(v, direct.state_dict()[k]) for k, v in trained.items())
+    assert training_images_of(folder) == ["/data/bottle/test/crack/000.png"], "the leakage check reads config.json"
     with torch.no_grad():
         assert float(loaded.training_loss(images, masks, captions, features, **fixed)) == after
         seeds = torch.tensor([1, 2])
@@ -149,8 +172,114 @@ def test_clear_errors_for_missing_models(tiny, tmp_path) -> None:
         AnomalyControlModel(tmp_path / "no-sd", tiny["blip2"])
     with pytest.raises(ModelNotFoundError, match="train control"):
         AnomalyControlModel(adapter=tmp_path / "no-adapter")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="train control"):
+        AnomalyControlModel(adapter=tmp_path / "empty")
     with pytest.raises(FileNotFoundError):
         load_references(tmp_path / "none.json")
+
+
+def _write_old_format(model: AnomalyControlModel, folder: Path, scale: float | None) -> None:
+    """An adapter folder as ``save_adapter`` wrote it before the SGA was a diffusers model."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    state = {f"sga.{k}": v for k, v in model.sga.state_dict().items() if not k.startswith("ip_attention.")}
+    state.update({f"unet.{k}": v for k, v in model.unet.state_dict().items() if "to_k_ip" in k or "to_v_ip" in k})
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "sga.safetensors")
+    config = {"type": "anomalycontrol", "base_model": model.base_model, "vlm": model.vlm_name, "feature_dim": 32,
+              "cross_attention_dim": 32, "image_embed_dim": 48, "num_tokens": 4, "init_adapter": None,
+              "training_data": {"images": [{"image": "/data/bottle/test/crack/001.png"}]}}  # fmt: skip
+    if scale is not None:
+        config["scale"] = scale
+    (folder / "sga_config.json").write_text(json.dumps(config))
+
+
+def test_old_format_adapter_loads_with_a_deprecation_warning(tiny, tmp_path) -> None:
+    torch.manual_seed(3)
+    model = AnomalyControlModel(tiny["sd-inpainting"], tiny["blip2"], image_embed_dim=48, asea_steps=0)
+    with torch.no_grad():
+        for p in model.trainable_parameters():  # "trained": K_ip/V_ip no longer equal to the text K/V
+            p.add_(torch.randn(p.shape, generator=gen(len(p.shape))) * 0.1)
+    _write_old_format(model, tmp_path / "old", scale=1.0)
+    with pytest.warns(DeprecationWarning, match="old format"):
+        loaded = AnomalyControlModel(adapter=tmp_path / "old", asea_steps=0)
+    assert loaded.base_model == model.base_model and loaded.scale == 1.0
+    assert training_images_of(loaded.sga.config) == ["/data/bottle/test/crack/001.png"]
+    same = loaded.sga.state_dict()
+    assert all(torch.equal(v, same[k]) for k, v in model.sga.state_dict().items()), "the same weights"
+    kv = {k: v for k, v in loaded.unet.state_dict().items() if "_ip." in k}
+    assert kv and all(torch.equal(v, model.unet.state_dict()[k]) for k, v in kv.items()), "installed in the UNet"
+    images, masks, captions = training_batch()
+    fixed = {"timesteps": torch.tensor([300, 700]), "noise": torch.randn(2, 4, 16, 16, generator=gen(1))}
+    with torch.no_grad():
+        features = torch.randn(2, 32, generator=gen(2))
+        assert torch.equal(model.eval().training_loss(images, masks, captions, features, **fixed),
+                           loaded.eval().training_loss(images, masks, captions, features, **fixed))  # fmt: skip
+    resaved = loaded.save_adapter(tmp_path / "new")
+    assert (resaved / "config.json").is_file() and not (resaved / "sga_config.json").exists()
+    _write_old_format(model, tmp_path / "unrecorded", scale=None)
+    with pytest.warns(DeprecationWarning):
+        assert AnomalyControlModel(adapter=tmp_path / "unrecorded", asea_steps=0).scale == 0.5, "trained at 0.5"
+
+
+def test_using_the_synthesizer_does_not_import_lightning() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, anomalib_synth.synthesizers.diffusion.anomalycontrol as m; "
+            "from anomalib_synth.synthesizers import get_class; get_class('anomalycontrol'); "
+            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('lightning', 'pytorch_lightning')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1])  # fmt: skip
+    assert out.stdout.strip() == "[]", out.stdout
+    from anomalib_synth.synthesizers.diffusion.anomalycontrol.lightning_model import ControlTraining
+    from anomalib_synth.training import control
+
+    assert control.ControlTraining is ControlTraining, "re-exported where it was"
+
+
+@pytest.fixture(scope="module")
+def tiny_pndm(tiny, tmp_path_factory):
+    """The tiny inpainting pipeline re-saved with the scheduler SD 1.5 inpainting ships: PNDM (``skip_prk_steps``)."""
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(tiny["sd-inpainting"], safety_checker=None,
+                                                          requires_safety_checker=False)  # fmt: skip
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    folder = tmp_path_factory.mktemp("tiny-pndm") / "sd-inpainting"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_sampling_from_strength_keeps_each_latent_at_its_timestep(tiny, tiny_pndm, adapter) -> None:
+    """Sampling starts partway in (strength 0.7). With an exact noise predictor for the clean latent 0
+    (``eps = z_t / sqrt(1 - abar_t)``), a correct sampler hands the UNet, at each timestep ``t``, the first latent
+    scaled by ``sqrt((1 - abar_t) / (1 - abar_t0))``. PNDM (what SD 1.5 ships, used by diffusers' pipeline) fails
+    this from its third step on, when started after its repeated warm-up step; the model samples with DDIM."""
+    model = AnomalyControlModel(tiny_pndm, tiny["blip2"], adapter=adapter, asea_steps=0)
+    assert model.shipped_scheduler == "PNDMScheduler" and type(model.pipeline.scheduler).__name__ == "DDIMScheduler"
+    abar = model.pipeline.scheduler.alphas_cumprod
+    seen = []
+
+    def exact(_module, args, _kwargs, _output):
+        latents, t = args[0][:, :4], int(args[1])
+        seen.append((t, latents.clone()))
+        return (latents / (1 - abar[t]).sqrt(),)
+
+    model.unet.register_forward_hook(exact, with_kwargs=True)
+    images, masks, captions = training_batch()
+    model.sample(images, masks, captions, torch.zeros(2, 32), torch.tensor([1, 2]), num_inference_steps=10)
+    assert [t for t, _ in seen] == [601, 501, 401, 301, 201, 101, 1], "int(10 x 0.7) = 7 steps, from t = 601"
+    t0, z0 = seen[0]
+    for t, z in seen[1:]:
+        torch.testing.assert_close(z, z0 * ((1 - abar[t]) / (1 - abar[t0])).sqrt(), rtol=1e-4, atol=1e-5)
+    ddim = AnomalyControlModel(tiny["sd-inpainting"], tiny["blip2"], adapter=adapter, asea_steps=0)
+    pndm = AnomalyControlModel(tiny_pndm, tiny["blip2"], adapter=adapter, asea_steps=0)
+    features, seeds = torch.randn(2, 32, generator=gen(0)), torch.tensor([3, 4])
+    a = ddim.sample(images, masks, captions, features, seeds, num_inference_steps=4)
+    b = pndm.sample(images, masks, captions, features, seeds, num_inference_steps=4)
+    assert torch.equal(a, b), "the shipped scheduler does not matter"
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +338,7 @@ def test_sga_trains_and_samples_at_the_same_scale(tiny, adapter, tmp_path) -> No
     sampled = _ip_scales(synth.core.unet)
     synth(images, generator=gen(0))
     assert trained and sampled and all(s == trained[0] for s in trained + sampled), (trained, sampled)
-    assert trained[0] == {1.0} and json.loads((adapter / "sga_config.json").read_text())["scale"] == 1.0
+    assert trained[0] == {1.0} and json.loads((adapter / "config.json").read_text())["scale"] == 1.0
 
 
 def test_negative_branch_is_the_official_one(adapter, tmp_path) -> None:
@@ -307,7 +436,7 @@ def test_init_adapter_from_an_ip_adapter_checkpoint(tiny, tmp_path) -> None:
                  "--base-model", str(tiny["sd-inpainting"]), "--vlm", str(tiny["blip2"]), "--max-steps", "1",
                  "--batch-size", "1", "--image-size", "32", "--image-embed-dim", "48", "--asea-steps", "0",
                  "--init-adapter", str(tmp_path / "ip-adapter.bin"), "--output", str(out), "-q"]) == 0  # fmt: skip
-    config = json.loads((out / "adapter" / "sga_config.json").read_text())
+    config = json.loads((out / "adapter" / "config.json").read_text())
     assert config["init_adapter"] == str(tmp_path / "ip-adapter.bin")
 
 
@@ -351,7 +480,7 @@ def test_cli_train_control(tiny, tmp_path) -> None:
         and checkpoint["state_dict"]
         and all(any(p in k for p in ("sga.", "_ip.", "encoder_hid_proj.")) for k in checkpoint["state_dict"])
     )
-    config = json.loads((out / "adapter" / "sga_config.json").read_text())
+    config = json.loads((out / "adapter" / "config.json").read_text())
     assert config["vlm"] == str(tiny["blip2"]) and config["scale"] == 1.0 and config["init_adapter"] is None
     assert config["training_data"]["keys"] == ["bottle/test/crack/000.png", "bottle/test/crack/002.png"]
     assert config["training_data"]["excluded"] == ["juice/test/logical/001.png"]

@@ -5,6 +5,10 @@ drawn by a configurable pairing strategy: by default the target itself, as the o
 feature is that of the target image, caption and mask). Only the SGA is trained (BLIP projection, image projection,
 new K/V); the CSM features of the reference (with ASEA) come from the frozen BLIP-2 and are computed once per
 reference image and cached for the run (the official code caches them to ``blip_cache/``).
+
+The Lightning module, :class:`~anomalib_synth.synthesizers.diffusion.anomalycontrol.lightning_model.ControlTraining`,
+lives with the method and is re-exported here; this module holds the data (:class:`ReferencePairs`) and the run
+(:func:`train_control`).
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ..synthesizers.diffusion.anomalycontrol import BLIP2_ITM
+from ..synthesizers.diffusion.anomalycontrol.lightning_model import ControlTraining
 from ..synthesizers.diffusion.loading import SD15_INPAINTING
 from ..synthesizers.validation import check_choice
 from .captions import CaptionedDefect, CaptionedDefects
-from .runner import AdapterModule
 
 __all__ = ["PAIRINGS", "ControlTraining", "ReferencePairs", "train_control"]
 
@@ -71,46 +75,6 @@ class ReferencePairs(Dataset):
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         return {key: torch.stack([i[key] for i in items]) if torch.is_tensor(items[0][key]) else [i[key] for i in items]
                 for key in items[0]}  # fmt: skip
-
-
-class ControlTraining(AdapterModule):
-    """LightningModule around ``AnomalyControlModel``: AdamW on the SGA, adapter-only checkpoints."""
-
-    def __init__(self, base_model: str = SD15_INPAINTING, vlm: str = BLIP2_ITM, num_tokens: int = 4,
-                 image_embed_dim: int = 1024, lr: float = 1e-4, weight_decay: float = 1e-2, asea_steps: int = 5,
-                 init_adapter: str | None = None, local_files_only: bool | None = None) -> None:  # fmt: skip
-        super().__init__()
-        from ..synthesizers.diffusion.anomalycontrol import AnomalyControlModel
-
-        self.save_hyperparameters()
-        self.model = AnomalyControlModel(base_model, vlm, num_tokens=num_tokens, image_embed_dim=image_embed_dim,
-                                         asea_steps=asea_steps, init_adapter=init_adapter,
-                                         local_files_only=local_files_only)  # fmt: skip
-        self.feature_cache: dict[str, torch.Tensor] = {}
-        """CSM (+ ASEA) feature of each reference image, computed at its first use (``ref_key`` -> ``[d]``)."""
-
-    def reference_features(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The batch's reference features, from the cache; the missing ones are computed (once) and kept."""
-        keys = batch["ref_key"]
-        todo = [i for i, key in enumerate(keys) if key not in self.feature_cache]
-        todo = [i for n, i in enumerate(todo) if keys[i] not in {keys[j] for j in todo[:n]}]  # once per key
-        if todo:
-            features = self.model.reference_features(batch["ref_image"][todo], [batch["ref_caption"][i] for i in todo],
-                                                     batch["ref_mask"][todo])  # fmt: skip
-            for i, feature in zip(todo, features, strict=True):
-                self.feature_cache[keys[i]] = feature.detach().cpu()
-        return torch.stack([self.feature_cache[key] for key in keys]).to(batch["image"].device)
-
-    def training_step(self, batch: dict[str, Any], _batch_idx: int) -> torch.Tensor:
-        features = self.reference_features(batch)
-        loss = self.model.training_loss(batch["image"], batch["mask"], batch["caption"], features)
-        self.log("loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
-        return loss
-
-    def on_train_epoch_start(self) -> None:
-        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
-        if isinstance(dataset, ReferencePairs):
-            dataset.set_epoch(self.current_epoch)
 
 
 def train_control(data_root: str | Path, captions: str | Path, output: str | Path = "control_run",

@@ -6,7 +6,8 @@ such an adapter, would leak: the adapter has seen (and may reproduce) the very d
 
 - At training time, :func:`exclude_records` drops categories, image paths or the images of a split file
   (``anomalib-synth train xfusion|control --exclude-categories ... --exclude-images ... --exclude-split FILE``).
-- The adapter's config records the images it was trained on (:func:`training_data`), under ``"training_data"``.
+- The adapter's config records the images it was trained on (:func:`training_data`), under ``"training_data"``
+  (``adapter_config.json``, or ``config.json`` for the adapters saved as diffusers models).
 - At evaluation time, :func:`check_leakage` compares what a synthesizer has seen (its adapter's training images and
   its reference images, see ``source_images`` of the synthesizers) with the images tested on, and refuses (or warns).
 
@@ -159,7 +160,7 @@ def training_images_of(source: Any) -> list[str]:
     if hasattr(source, "source_images"):
         return [str(p) for p in source.source_images]
     if isinstance(source, (str, Path)) and Path(source).is_dir():
-        for name in ("adapter_config.json", "sga_config.json"):
+        for name in ("adapter_config.json", "config.json", "sga_config.json"):  # config.json: diffusers' format
             if (Path(source) / name).is_file():
                 return training_images_of(json.loads((Path(source) / name).read_text()))
         return []
