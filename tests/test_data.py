@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import types
 from pathlib import Path
@@ -349,7 +350,9 @@ def test_supersimplenet_trains_on_online_anomalies(tiny_root, tmp_path, monkeypa
     # user callbacks run before the model's PreProcessor: the synthesized batch is still in [0, 1], un-normalised
     assert min(spy.low) >= 0.0 and max(spy.high) <= 1.0
     results = engine.test(model=model, datamodule=dm)
-    assert "image_AUROC" in results[0]
+    # one epoch on random features says nothing about quality (0.4-1.0 seen); the real test anomalies must be there
+    assert sorted(set(dm.test_data.samples.label_index.tolist())) == [0, 1]
+    assert all(math.isfinite(results[0][key]) for key in ("image_AUROC", "pixel_AUROC")), results[0]
 
 
 @pytest.mark.slow
@@ -366,8 +369,11 @@ def test_draem_uses_our_synthesizer_via_callback(tiny_root, tmp_path) -> None:
     assert callback.replaced == "augmenter"
     assert isinstance(model.augmenter, SynthesizerAugmenter) and _drew(model.augmenter, seed=0)
     assert model.augmenter.synthesizer.name == "nsa"
-    results = engine.test(model=model, datamodule=folder_datamodule(tiny_root))
-    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
+    test_dm = folder_datamodule(tiny_root)
+    results = engine.test(model=model, datamodule=test_dm)
+    # one epoch says nothing about quality; the swap must leave the test data alone: real defects and normals
+    assert sorted(set(test_dm.test_data.samples.label_index.tolist())) == [0, 1]
+    assert all(math.isfinite(results[0][key]) for key in ("image_AUROC", "pixel_AUROC")), results[0]
 
 
 @pytest.mark.slow
@@ -375,6 +381,7 @@ def test_patchcore_one_shot_with_synthetic_validation(tiny_root, tmp_path) -> No
     from anomalib.models import Patchcore
 
     dm = _wrap(tiny_root, tmp_path, inner_kwargs={"val_split_mode": "none"}, synthesizer="cutpaste", n_shots=1)
+    torch.manual_seed(0)  # the random backbone
     model = Patchcore(backbone="resnet18", layers=["layer2", "layer3"], pre_trained=False,
                       coreset_sampling_ratio=1.0, pre_processor=_resize(64))  # fmt: skip
     engine = _engine(tmp_path)
@@ -383,7 +390,8 @@ def test_patchcore_one_shot_with_synthetic_validation(tiny_root, tmp_path) -> No
     # anomalib's adaptive threshold needs anomalous validation samples: the synthetic ones give it a value
     assert bool(model.post_processor.image_threshold.isfinite())
     results = engine.test(model=model, datamodule=dm)
-    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
+    # the one shot is a good memory bank for dark scratches on gravel, even with random features (0.89 measured)
+    assert results[0]["pixel_AUROC"] >= 0.75, results[0]
 
 
 def test_cache_key_includes_batch_size_and_texture_bank_settings(tiny_root, tmp_path) -> None:
