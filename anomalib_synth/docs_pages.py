@@ -28,14 +28,20 @@ def _defaults(cls: type) -> str:
     return "\n".join(rows)
 
 
+def method_module(cls: type) -> str:
+    """The module whose docstring describes the method: the class's own, or, for a method folder laid out as
+    anomalib's (``<method>/synthesizer.py``), the folder's package."""
+    return cls.__module__.removesuffix(".synthesizer")
+
+
 def page(name: str) -> str:
     """The markdown page of the synthesizer registered as ``name``."""
     cls = get_class(name)
-    module = importlib.import_module(cls.__module__)
+    module = importlib.import_module(method_module(cls))
     parts = [
         f"# `{name}`: {cls.description}",
         "",
-        f"*Generated from `{cls.__module__}` by `python -m anomalib_synth.docs_pages docs/synthesizers`; edit the "
+        f"*Generated from `{module.__name__}` by `python -m anomalib_synth.docs_pages docs/synthesizers`; edit the "
         "docstrings, not this page.*",
         "",
         "## What it does, and where it departs from the paper",

@@ -1,4 +1,5 @@
-"""AnomalyXFusion: modules, captions, training, adapter save/load, sampling, CLI (tiny random models, CPU)."""
+"""AnomalyXFusion: modules, captions, training, adapter save/load (diffusers format and the old one), sampling, CLI
+(tiny random models, CPU)."""
 
 from __future__ import annotations
 
@@ -79,8 +80,14 @@ def test_training_loss_falls_and_adapter_round_trip(tiny, tmp_path) -> None:
     assert after < 0.95 * before, (before, after)
 
     folder = model.save_adapter(tmp_path / "adapter")
-    config = json.loads((folder / "adapter_config.json").read_text())
-    assert config["base_model"] == str(tiny["sd"]) and config["lora_rank"] == 2 and config["num_tokens"] == 2
+    config = json.loads((folder / "config.json").read_text())
+    assert config["_class_name"] == "XFusionAdapter" and config["base_model"] == str(tiny["sd"])
+    assert config["lora_rank"] == 2 and config["num_tokens"] == 2
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "pytorch_lora_weights.safetensors",
+    ]
     loaded = XFusionModel(adapter=folder).eval()
     with torch.no_grad():
         assert float(loaded.training_loss(images, masks, captions, **fixed)) == after
@@ -90,6 +97,158 @@ def test_training_loss_falls_and_adapter_round_trip(tiny, tmp_path) -> None:
     assert torch.equal(a, b), "save/load reproduces the outputs exactly"
     with pytest.raises(ModelNotFoundError, match="train xfusion"):
         XFusionAdapter.from_pretrained(tmp_path / "nothing")
+
+
+RECORD = {
+    "data_root": "/data/mvtec",
+    "images": [{"image": "/data/mvtec/bottle/test/crack/000.png", "masks": ["/data/mvtec/bottle/gt/000_mask.png"],
+                "caption": "a crack", "category": "bottle", "defect": "crack"}],
+    "keys": ["bottle/test/crack/000.png"],
+    "excluded": ["bottle/test/crack/002.png"],
+}  # fmt: skip
+"""A ``training_data`` record as ``train xfusion`` writes it (see ``anomalib_synth.training.leakage.training_data``)."""
+
+
+def public_config(adapter: XFusionAdapter) -> dict:
+    return {k: v for k, v in adapter.config.items() if not k.startswith("_")}
+
+
+def with_trained_lora(model: XFusionModel, seed: int = 7) -> XFusionModel:
+    """Random LoRA ``B`` weights: a new LoRA starts with ``B = 0`` (no effect), so a lost LoRA would go unnoticed."""
+    g = gen(seed)
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def samples(model: XFusionModel) -> torch.Tensor:
+    images, masks, captions = training_batch()
+    return model.sample(images, masks, captions, torch.tensor([3, 4]), num_inference_steps=2)
+
+
+def test_adapter_is_a_diffusers_model_with_its_config_and_outputs_round_tripped(tiny, tmp_path) -> None:
+    """``save_pretrained`` / ``from_pretrained`` are diffusers' own: the same config (training images included),
+    the same weights, the same samples for the same seed and image; the leakage check reads the images back."""
+    from diffusers import ConfigMixin, ModelMixin
+
+    from anomalib_synth.training.leakage import training_images_of
+
+    torch.manual_seed(0)
+    model = XFusionModel(tiny["sd"], tiny["clip"], num_tokens=2).eval()
+    assert isinstance(model.adapter, ModelMixin) and isinstance(model.adapter, ConfigMixin)
+    assert model.adapter.training_data is None
+    model.adapter.training_data = RECORD
+    assert model.adapter.config.training_data == RECORD, "the record is a config entry"
+    model.adapter.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    loaded = XFusionAdapter.from_pretrained(tmp_path / "adapter")
+    assert type(loaded) is XFusionAdapter and public_config(loaded) == public_config(model.adapter)
+    assert public_config(loaded) == {"dim": 32, "num_tokens": 2, "text_dim": 32, "image_dim": 16,
+                                     "base_model": str(tiny["sd"]), "clip_model": str(tiny["clip"]), "lora_rank": 0,
+                                     "training_data": RECORD}  # fmt: skip
+    state, loaded_state = model.adapter.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys() and all(torch.equal(state[k], loaded_state[k]) for k in state)
+    assert torch.equal(samples(XFusionModel(adapter=loaded).eval()), samples(model))
+    assert not torch.equal(samples(XFusionModel(tiny["sd"], tiny["clip"], num_tokens=2).eval()), samples(model)), (
+        "another adapter gives other samples: the comparison above can fail"
+    )
+    assert training_images_of(tmp_path / "adapter") == [RECORD["images"][0]["image"]]
+
+
+def write_old_format(model: XFusionModel, folder: Path) -> Path:
+    """An adapter folder as it was written before the diffusers format (the format is frozen: written by hand)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.adapter.state_dict().items()}, str(folder / "adapter.safetensors"))
+    save_file(get_peft_model_state_dict(model.unet), str(folder / "lora.safetensors"))
+    settings = {"type": "xfusion", **model.adapter.settings, "training_data": model.adapter.training_data}
+    (folder / "adapter_config.json").write_text(json.dumps(settings, indent=2))
+    return folder
+
+
+def test_old_adapter_format_loads_with_a_deprecation_warning(tiny, tmp_path) -> None:
+    import warnings
+
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from anomalib_synth.training.leakage import training_images_of
+
+    torch.manual_seed(0)
+    model = with_trained_lora(XFusionModel(tiny["sd"], tiny["clip"], num_tokens=2, lora_rank=2)).eval()
+    model.adapter.training_data = RECORD
+    old = write_old_format(model, tmp_path / "old")
+    with pytest.warns(DeprecationWarning, match="old format"):
+        adapter = XFusionAdapter.from_pretrained(old)
+    assert public_config(adapter) == public_config(model.adapter)
+    state = model.adapter.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in adapter.state_dict().items())
+    with pytest.warns(DeprecationWarning, match="old format"):
+        loaded = XFusionModel(adapter=old).eval()
+    lora, loaded_lora = model.lora_state(), loaded.lora_state()
+    assert lora.keys() == loaded_lora.keys() and all(torch.equal(lora[k], loaded_lora[k]) for k in lora)
+    expected = samples(model)
+    assert torch.equal(samples(loaded), expected)
+    assert not torch.equal(samples(XFusionModel(adapter=adapter).eval()), expected), "a fresh LoRA differs"
+    assert training_images_of(old) == [RECORD["images"][0]["image"]]
+
+    new = loaded.save_adapter(tmp_path / "new")  # re-saved in the current format: no warning, the same samples
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert torch.equal(samples(XFusionModel(adapter=new).eval()), expected)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny["sd"], safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(new)  # the LoRA file is diffusers' own: any SD pipeline reads it
+    read = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_active_adapters()[0])
+    assert read.keys() == lora.keys() and all(torch.equal(read[k], lora[k]) for k in lora)
+
+
+def test_missing_or_foreign_adapter_folders_raise_model_not_found(tiny, tmp_path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (tmp_path / "nothing", empty):
+        with pytest.raises(ModelNotFoundError, match="train xfusion"):
+            XFusionAdapter.from_pretrained(folder)
+    XFusionAdapter(dim=8, num_tokens=1).save_pretrained(tmp_path / "no-weights")
+    (tmp_path / "no-weights" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelNotFoundError, match="train xfusion"):
+        XFusionAdapter.from_pretrained(tmp_path / "no-weights")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ModelNotFoundError, match="UNet2DConditionModel"):
+        XFusionAdapter.from_pretrained(tmp_path / "unet")
+    torch.manual_seed(0)
+    XFusionModel(tiny["sd"], tiny["clip"], num_tokens=2, lora_rank=2).adapter.save_pretrained(tmp_path / "no-lora")
+    with pytest.raises(ModelNotFoundError, match="pytorch_lora_weights"):
+        XFusionModel(adapter=tmp_path / "no-lora")
+    with pytest.raises(ModelNotFoundError, match="train xfusion"):
+        get("xfusion", adapter=empty)
+
+
+def test_the_synthesizer_does_not_import_lightning() -> None:
+    """Lightning sits at the edge: the package and the registered synthesizer load without it;
+    ``XFusionTraining`` (on demand) brings it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import anomalib_synth.synthesizers.diffusion.xfusion as xfusion\n"
+        "from anomalib_synth.synthesizers import get_class\n"
+        "assert get_class('xfusion') is xfusion.XFusionSynthesizer\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n"
+        "xfusion.XFusionTraining\n"
+        "print('lightning' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1])  # fmt: skip
+    assert out.stdout.split() == ["[]", "True"], out.stdout + out.stderr
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +337,12 @@ def test_texture_is_a_reference_defect_times_its_own_mask(adapter, tmp_path, mon
 def test_label_is_exactly_the_regenerated_region(adapter, refs, monkeypatch) -> None:
     """Every pixel the label claims lies in a latent cell that sampling regenerated, and every such cell is
     labelled: a nearest-downsampled latent mask drops thin or odd-placed mask pixels that the label still claims."""
-    from anomalib_synth.synthesizers.diffusion import xfusion
+    from anomalib_synth.synthesizers.diffusion.xfusion import sampling
 
     latents = {}
-    original_encode, original_decode = xfusion.encode, xfusion.decode
-    monkeypatch.setattr(xfusion, "encode", lambda vae, x, g=None: latents.setdefault("z0", original_encode(vae, x, g)))
-    monkeypatch.setattr(xfusion, "decode", lambda vae, z: latents.setdefault("z", z) is z and original_decode(vae, z))
+    original_encode, original_decode = sampling.encode, sampling.decode
+    monkeypatch.setattr(sampling, "encode", lambda vae, x, g=None: latents.setdefault("z0", original_encode(vae, x, g)))
+    monkeypatch.setattr(sampling, "decode", lambda vae, z: latents.setdefault("z", z) is z and original_decode(vae, z))
     synth = get("xfusion", adapter=adapter, reference_dir=refs, category="bottle", num_inference_steps=2)
     images = torch.stack([resize(builtin_photo(n), (32, 32)) for n in ("coffee", "brick")])
     params = synth.sample_params(images, None, gen(0))
@@ -269,7 +428,7 @@ def test_train_xfusion_exclusions_recorded_images_and_leakage_check(tiny, tmp_pa
             "--batch-size", "1", "--image-size", "32", "--num-tokens", "2", "-q"]  # fmt: skip
     assert main([*args, "--output", str(out), "--exclude-images", "juice/test/logical/001.png",
                  "--exclude-split", str(split)]) == 0  # fmt: skip
-    record = json.loads((out / "adapter" / "adapter_config.json").read_text())["training_data"]
+    record = json.loads((out / "adapter" / "config.json").read_text())["training_data"]
     assert record["keys"] == ["bottle/test/crack/000.png"]
     assert record["excluded"] == ["bottle/test/crack/002.png", "juice/test/logical/001.png"]
     trained = fake["root"] / "bottle" / "test" / "crack" / "000.png"

@@ -44,6 +44,11 @@ __all__ = [
     "training_images_of",
 ]
 
+ADAPTER_CONFIGS = ("config.json", "adapter_config.json", "sga_config.json")
+"""The config files of an adapter folder that may record ``training_data``: diffusers' ``config.json`` (e.g.
+AnomalyXFusion's ``XFusionAdapter``), AnomalyXFusion's earlier ``adapter_config.json``, AnomalyControl's
+``sga_config.json``."""
+
 KEY_PARTS = 4
 """``<category>/test/<defect>/<file>``: the identity of an MVTec image, whatever the data root."""
 
@@ -154,16 +159,16 @@ def training_data(
 
 def training_images_of(source: Any) -> list[str]:
     """Image paths that ``source`` has seen: a synthesizer (its ``source_images``: adapter training images and
-    references), an adapter folder (its config's ``training_data``), a config dict, or a list of paths."""
+    references), an adapter folder (the ``training_data`` of its configs, see :data:`ADAPTER_CONFIGS`), a config
+    dict, or a list of paths."""
     if source is None:
         return []
     if hasattr(source, "source_images"):
         return [str(p) for p in source.source_images]
     if isinstance(source, (str, Path)) and Path(source).is_dir():
-        for name in ("adapter_config.json", "config.json", "sga_config.json"):  # config.json: diffusers' format
-            if (Path(source) / name).is_file():
-                return training_images_of(json.loads((Path(source) / name).read_text()))
-        return []
+        configs = [Path(source) / name for name in ADAPTER_CONFIGS if (Path(source) / name).is_file()]
+        seen = [image for path in configs for image in training_images_of(json.loads(path.read_text()))]
+        return list(dict.fromkeys(seen))
     if isinstance(source, dict):
         data = source.get("training_data") or {}
         return [entry["image"] for entry in data.get("images", [])]

@@ -1,8 +1,9 @@
 """Training AnomalyXFusion's adapter (MIF + DDF [+ LoRA]) on MVTec-Caption triples, with Lightning at the edge.
 
-:class:`XFusionTraining` wraps :class:`~anomalib_synth.synthesizers.diffusion.xfusion.XFusionModel`; checkpoints
-hold only the trainable weights (the frozen base models are referenced by id/path). :func:`train_xfusion` is what
-``anomalib-synth train xfusion`` runs, through the shared loop of :func:`~anomalib_synth.training.runner.fit_adapter`
+:func:`train_xfusion` is what ``anomalib-synth train xfusion`` runs: it finds the captioned images (with the
+leakage exclusions), records them in the adapter's config, and trains
+:class:`~anomalib_synth.synthesizers.diffusion.xfusion.lightning_model.XFusionTraining` (re-exported here) through
+the shared loop of :func:`~anomalib_synth.training.runner.fit_adapter`
 (progress bar, checkpoints and resume, mixed precision on CUDA, Lightning strategies for several GPUs).
 """
 
@@ -11,41 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..synthesizers.diffusion.loading import CLIP_VIT_L14, SD15
-from .runner import AdapterModule
+from ..synthesizers.diffusion.xfusion.lightning_model import XFusionTraining
 
 __all__ = ["XFusionTraining", "train_xfusion", "training_records"]
-
-
-class XFusionTraining(AdapterModule):
-    """LightningModule around ``XFusionModel``: AdamW on the adapter, Eq. 17 loss, adapter-only checkpoints."""
-
-    def __init__(
-        self,
-        base_model: str = SD15,
-        clip_model: str = CLIP_VIT_L14,
-        num_tokens: int = 4,
-        lora_rank: int = 0,
-        lr: float = 1e-4,
-        weight_decay: float = 1e-2,
-        background_weight: float = 0.1,
-        caption_dropout: float = 0.1,
-        local_files_only: bool | None = None,
-    ) -> None:
-        super().__init__()
-        from ..synthesizers.diffusion.xfusion import XFusionModel
-
-        self.save_hyperparameters()
-        self.model = XFusionModel(base_model, clip_model, num_tokens=num_tokens, lora_rank=lora_rank,
-                                  background_weight=background_weight, caption_dropout=caption_dropout,
-                                  local_files_only=local_files_only)  # fmt: skip
-
-    def training_step(self, batch: dict[str, Any], _batch_idx: int) -> torch.Tensor:
-        loss = self.model.training_loss(batch["image"], batch["mask"], batch["caption"])
-        self.log("loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
-        return loss
 
 
 def train_xfusion(
