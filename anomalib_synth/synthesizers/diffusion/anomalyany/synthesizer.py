@@ -82,12 +82,12 @@ from kornia.filters import gaussian_blur2d
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..base import Params, SynthesisResult
-from ..registry import register
-from ..validation import check_choice, check_range
-from .attention import AttentionStore, attach_attention_store, cross_attention_resolutions
-from .common import DiffusionSynthesizer, composite, restartable_scheduler, to_model_size
-from .latents import (
+from ...base import Params, SynthesisResult
+from ...registry import register
+from ...validation import check_choice, check_range
+from ..attention import AttentionStore, attach_attention_store, cross_attention_resolutions
+from ..common import DiffusionSynthesizer, composite, restartable_scheduler, to_model_size
+from ..latents import (
     clip_pixels,
     decode,
     encode,
@@ -98,8 +98,8 @@ from .latents import (
     predicted_original,
     vae_scale_factor,
 )
-from .loading import CLIP_VIT_L14, SD15, load_pretrained, resolve_dtype
-from .prompts import AnomalyPrompt
+from ..loading import CLIP_VIT_L14, SD15, load_pretrained, resolve_dtype
+from ..prompts import AnomalyPrompt
 
 __all__ = ["AnomalyAnySynthesizer", "attention_resolution"]
 
