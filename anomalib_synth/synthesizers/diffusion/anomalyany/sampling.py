@@ -38,6 +38,8 @@ resolution and vanish.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -140,17 +142,24 @@ class GuidedSampling:
 
     def run(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Guide, denoise and blend at every executed step, then decode: ``(images [B, 3, s, s], final map, trace)``."""
-        attach_attention_store(self.synth.unet, self.store)
-        try:
+        with self.attached():
             steps = tqdm(self.timesteps, desc="anomalyany", leave=False, disable=not self.synth.progress)
             for i, t in enumerate(steps):
                 self.guide(i, t)
                 self.denoise(i, t)
             with torch.no_grad():
                 generated = decode(self.synth.vae, self.z)
+        return generated, self.final_map, self.trace()
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        """The attention store on the UNet's cross-attention layers while inside (their processors back after);
+        :meth:`guide` and :meth:`denoise` read the maps it captures."""
+        attach_attention_store(self.synth.unet, self.store)
+        try:
+            yield
         finally:
             self.store.detach()
-        return generated, self.final_map, self.trace()
 
     def guide(self, i: int, t: Tensor) -> None:
         """The guided optimisation of executed step ``i``: ``inner_steps`` iterations when ``L_att`` (for a sample
