@@ -28,25 +28,26 @@ def _defaults(cls: type) -> str:
     return "\n".join(rows)
 
 
-def method_module(cls: type) -> str:
-    """The module whose docstring describes the method: the class's own, or, for a method folder laid out as
-    anomalib's (``<method>/synthesizer.py``), the folder's package."""
-    return cls.__module__.removesuffix(".synthesizer")
+def method_modules(cls: type) -> list[str]:
+    """The modules whose docstrings describe the method: the class's own, and, for a method folder laid out as
+    anomalib's (``<method>/synthesizer.py``), the folder's package first (the method and its layout)."""
+    own = cls.__module__
+    return [own.removesuffix(".synthesizer"), own] if own.endswith(".synthesizer") else [own]
 
 
 def page(name: str) -> str:
     """The markdown page of the synthesizer registered as ``name``."""
     cls = get_class(name)
-    module = importlib.import_module(method_module(cls))
+    modules = [importlib.import_module(m) for m in method_modules(cls)]
     parts = [
         f"# `{name}`: {cls.description}",
         "",
-        f"*Generated from `{module.__name__}` by `python -m anomalib_synth.docs_pages docs/synthesizers`; edit the "
+        f"*Generated from {' and '.join(f'`{m.__name__}`' for m in modules)} by `python -m anomalib_synth.docs_pages docs/synthesizers`; edit the "
         "docstrings, not this page.*",
         "",
         "## What it does, and where it departs from the paper",
         "",
-        inspect.cleandoc(module.__doc__ or ""),
+        "\n\n".join(inspect.cleandoc(m.__doc__ or "") for m in modules),
         "",
         f"## `{cls.__name__}`",
         "",

@@ -6,7 +6,8 @@
 - Label: the output mask is exactly the regenerated region, the latent cells that hold any mask pixel
   (:func:`.masks.covering_latent_mask`) mapped back to the pixel grid (:func:`.masks.regenerated_pixels`), and the
   composite pastes generated pixels there only: every pixel the label claims was regenerated, and every regenerated
-  pixel is labelled.
+  pixel is labelled. The cells reach past the drawn mask by up to a cell, so the label is cut to the foreground (the
+  input is pasted back on the background): defects stay on the object, as every synthesizer's do.
 - Leakage: :attr:`XFusionSynthesizer.source_images` lists the adapter's training images and the references, which
   the evaluation harness checks against its test images (:mod:`anomalib_synth.training.leakage`).
 
@@ -84,8 +85,8 @@ class XFusionSynthesizer(DiffusionSynthesizer):
             prompt's description (or an MVTec-Caption sentence with ``captions=``).
 
     The output mask is the regenerated region: the latent cells (8x8 pixels at SD 1.5's resolution) that hold any
-    pixel of the drawn mask, mapped back to the image, so it covers the drawn mask and may exceed it by up to a cell.
-    Outside it, pixels are the input's own. :attr:`source_images` lists the images the synthesizer has seen (the
+    pixel of the drawn mask, mapped back to the image and cut to the foreground, so it covers the drawn mask and may
+    exceed it by up to a cell, never onto the background. Outside it, pixels are the input's own. :attr:`source_images` lists the images the synthesizer has seen (the
     adapter's training images and the references), for the evaluation's leakage check.
     """
 
@@ -170,6 +171,8 @@ class XFusionSynthesizer(DiffusionSynthesizer):
         masks = params["mask"]
         model_masks = F.adaptive_max_pool2d(masks.float(), (size, size))  # no mask pixel is lost in the resize
         label = regenerated_pixels(self.core.regenerated_cells(model_masks), images.shape[-2:]).to(images.device)
+        # the latent cells covering the mask reach past its edge: never onto the background (input pasted back there)
+        label = label & params["fg"]
         generated = self.core.sample(
             to_model_size(images, size),
             model_masks,
