@@ -14,6 +14,8 @@ they prove the mechanics (shapes, masks, losses, gradients, call counts), never 
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -47,7 +49,11 @@ def tiny_tokenizer(model_max_length: int = 77):
         vocab.setdefault(symbol + "</w>", len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    # through files, which every supported transformers reads (4.x wants file paths, 5.x also takes the dicts)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
 
 
 def _unet(in_channels: int):
@@ -138,7 +144,9 @@ def _save_tiny_blip2(folder: Path) -> None:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,'-"))
     vocab = {token: i for i, token in enumerate(specials + chars + [f"##{c}" for c in chars])}
-    tokenizer = BertTokenizer(vocab=vocab)
+    with tempfile.TemporaryDirectory() as tmp:  # a vocab file: the form every supported transformers reads
+        (Path(tmp) / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        tokenizer = BertTokenizer.from_pretrained(tmp)
     config = Blip2Config(
         vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
                        "image_size": TINY_IMAGE_SIZE, "patch_size": 8},

@@ -204,7 +204,9 @@ def test_old_adapter_format_loads_with_a_deprecation_warning(tiny, tmp_path) -> 
         warnings.simplefilter("error", DeprecationWarning)
         assert torch.equal(samples(XFusionModel(adapter=new).eval()), expected)
     pipe = StableDiffusionPipeline.from_pretrained(tiny["sd"], safety_checker=None, requires_safety_checker=False)
-    pipe.load_lora_weights(new)  # the LoRA file is diffusers' own: any SD pipeline reads it
+    pipe.load_lora_weights(
+        new, weight_name="pytorch_lora_weights.safetensors"
+    )  # diffusers' own file: any SD pipeline reads it
     read = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_active_adapters()[0])
     assert read.keys() == lora.keys() and all(torch.equal(read[k], lora[k]) for k in lora)
 
