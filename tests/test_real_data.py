@@ -118,3 +118,50 @@ def test_grayscale_grid_reads_as_gray_and_synthesizes(tmp_path) -> None:
     image = np.asarray(Image.open(tmp_path / "grid" / records[0]["image"]))
     assert image.ndim == 2 and 20 < image.mean() < 235
     assert records.written == 2
+
+
+def _real_batch(folder: Path, count: int, size: int, channels: int = 3) -> torch.Tensor:
+    from anomalib_synth.io import list_images, read_image, resize
+
+    files = list_images(folder)[:count]
+    return torch.stack([resize(read_image(f, channels=channels), (size, size)) for f in files])
+
+
+REAL_SETS = {  # (folder under the data root, channels): an object on a plain background, a gray texture, a toy
+    "bottle": ("mvtec_ad/bottle/train/good", 3),
+    "grid": ("mvtec_ad/grid/train/good", 1),
+    "hazelnut_toy": ("hazelnut_toy/train/good", 3),
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(REAL_SETS))
+@pytest.mark.parametrize("name", sorted(__import__("anomalib_synth.synthesizers").synthesizers.available()))
+def test_contract_on_real_images(name: str, dataset: str, request, tmp_path) -> None:
+    """The contract of tests/test_contract.py on real photos: untouched outside, visible inside, on the object."""
+    from test_contract import BUILDERS
+
+    from anomalib_synth.synthesizers import get, get_class
+    from anomalib_synth.synthesizers.placement import estimate_foreground
+
+    folder, channels = REAL_SETS[dataset]
+    if not (DATA / folder).is_dir():
+        pytest.skip(f"{folder} not present")
+    cls = get_class(name)
+    if cls.requires_weights:  # the tiny random models: mechanics on real pixels, not quality
+        synth, images = BUILDERS[name](request.getfixturevalue("tiny"), tmp_path), _real_batch(DATA / folder, 2, 96)
+    else:
+        synth, images = get(name), _real_batch(DATA / folder, 4, 256)
+    if channels == 1:
+        images = images[:, :1]
+    out = synth(images, generator=torch.Generator().manual_seed(0))
+    outside = ~synth.affected_region(out.masks).expand_as(images)
+    assert torch.equal(out.images[outside], images[outside])
+    assert out.labels.all()
+    changed = (out.images - images).abs().amax(1, keepdim=True) > 1 / 255
+    mask = out.masks.bool()
+    assert ((changed & mask).flatten(1).sum(1) / mask.flatten(1).sum(1) > 0.5).all(), "the mask claims unchanged pixels"
+    if synth.config().get("foreground") == "auto":  # the default: defects on the object (a texture: everywhere)
+        fg = estimate_foreground(images)
+        assert not (mask & ~fg).any(), "a defect on the background"
+        if dataset == "bottle":
+            assert fg.float().mean() < 0.9, "the bottle's background was found"
