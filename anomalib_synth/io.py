@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -237,6 +238,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_files(folder: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder next to ``folder``; on success each file written there is renamed into ``folder``
+    (JSON files last, so a config never names weights that are not there yet). On failure nothing in ``folder``
+    changes, so a model saved there before stays loadable; other files in ``folder`` are left alone."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        folder.mkdir(exist_ok=True)
+        files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: (p.suffix == ".json", str(p)))
+        for file in files:
+            target = folder / file.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(file, 0o666 & ~_UMASK)
+            os.replace(file, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_png(path: str | Path, image: Tensor | np.ndarray) -> None:

@@ -427,3 +427,24 @@ def test_cache_build_survives_sigkill_and_resumes_identically() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--kills", "1", "--images", "4", "--variants", "4", "--size", "64", "--seed", "3"]) == 0
+
+
+def test_atomic_files_keep_the_previous_model_when_a_save_fails(tmp_path) -> None:
+    from anomalib_synth.io import atomic_files
+
+    folder = tmp_path / "adapter"
+    with atomic_files(folder) as tmp:
+        (tmp / "weights.safetensors").write_bytes(b"old")
+        (tmp / "config.json").write_text('{"v": 1}')
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(KeyboardInterrupt), atomic_files(folder) as tmp:
+        (tmp / "weights.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert (folder / "weights.safetensors").read_bytes() == b"old" and (
+        folder / "config.json"
+    ).read_text() == '{"v": 1}'
+    assert (folder / "notes.txt").read_text() == "mine", "other files in the folder are left alone"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"], "no temporary folder is left behind"
+    with atomic_files(folder) as tmp:
+        (tmp / "weights.safetensors").write_bytes(b"new")
+    assert (folder / "weights.safetensors").read_bytes() == b"new" and (folder / "notes.txt").exists()

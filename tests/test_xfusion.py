@@ -464,3 +464,24 @@ def test_xfusion_samples_with_ddim_whatever_the_checkpoint_ships(tiny, adapter, 
     shipped_pndm = get("xfusion", base_model=tmp_path / "pndm", **kwargs)(photos[:2], generator=gen(5))
     shipped_ddim = get("xfusion", **kwargs)(photos[:2], generator=gen(5))
     assert torch.equal(shipped_pndm.images, shipped_ddim.images)
+
+
+def test_an_interrupted_adapter_save_keeps_the_previous_adapter(tiny, tmp_path, monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = XFusionModel(tiny["sd"], tiny["clip"], num_tokens=2)
+    folder = model.save_adapter(tmp_path / "adapter")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def killed_midway(self, target, **kwargs):
+        (Path(target) / "config.json").write_text("{half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(XFusionAdapter, "save_pretrained", killed_midway)
+    with torch.no_grad():
+        for p in model.adapter.parameters():
+            p.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_adapter(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    XFusionModel(adapter=folder)  # still loads

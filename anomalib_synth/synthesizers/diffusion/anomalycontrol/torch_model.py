@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ....io import atomic_files
 from ..common import restartable_scheduler
 from ..latents import encode, latent_mask, noise_to_timestep, training_noise
 from ..loading import SD15_INPAINTING, ModelNotFoundError, load_pretrained, resolve_dtype
@@ -149,7 +150,8 @@ class AnomalyControlModel(nn.Module):
         initialisation, training images) + ``diffusion_pytorch_model.safetensors`` (projections and new K/V)."""
         folder = Path(folder)
         self.sga.register_to_config(base_model=self.base_model, vlm=self.vlm_name)
-        self.sga.save_pretrained(folder)
+        with atomic_files(folder) as tmp:  # an interrupted save leaves the previous adapter as it was
+            self.sga.save_pretrained(tmp)
         return folder
 
     def reference_features(self, images: Tensor, texts: list[str], masks: Tensor | None) -> Tensor:

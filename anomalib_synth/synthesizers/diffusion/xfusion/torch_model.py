@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ....io import atomic_files
 from ..latents import clip_pixels, encode, noise_to_timestep, training_noise
 from ..loading import CLIP_VIT_L14, SD15, load_pretrained, resolve_dtype
 from .lora import LORA_TARGETS, add_lora, load_lora, lora_state, save_lora
@@ -102,9 +103,10 @@ class XFusionModel(nn.Module):
     def save_adapter(self, folder: str | Path) -> Path:
         """Write the adapter (diffusers' ``save_pretrained``) and its LoRA (:func:`.lora.save_lora`); returns ``folder``."""
         folder = Path(folder)
-        self.adapter.save_pretrained(folder)
-        if self.lora_rank:
-            save_lora(self.unet, folder)
+        with atomic_files(folder) as tmp:  # an interrupted save leaves the previous adapter as it was
+            self.adapter.save_pretrained(tmp)
+            if self.lora_rank:
+                save_lora(self.unet, tmp)
         return folder
 
     # -- embeddings -----------------------------------------------------------------------------------------------
