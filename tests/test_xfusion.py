@@ -485,3 +485,13 @@ def test_an_interrupted_adapter_save_keeps_the_previous_adapter(tiny, tmp_path, 
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
     XFusionModel(adapter=folder)  # still loads
+
+
+def test_the_old_save_pretrained_call_with_a_lora_state_still_saves_the_lora(tiny, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = XFusionModel(tiny["sd"], tiny["clip"], num_tokens=2, lora_rank=2)
+    with pytest.warns(DeprecationWarning, match="save_adapter"):
+        model.adapter.save_pretrained(tmp_path / "old-call", model.lora_state())
+    loaded = XFusionModel(adapter=tmp_path / "old-call")
+    lora, read = model.lora_state(), loaded.lora_state()
+    assert lora.keys() == read.keys() and all(torch.equal(lora[k], read[k]) for k in lora)
