@@ -253,7 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--name", default=None, help="defect folder name (default: the synthesizer name)")
-    p.add_argument("--foreground", choices=("none", "auto"), default=None, help="limit defects to the object")
+    p.add_argument(
+        "--foreground",
+        choices=("none", "auto"),
+        default=None,
+        help="auto (the default): defects on the estimated object; none: anywhere",
+    )
     p.add_argument("--grayscale", action="store_true", help="load images as 1-channel")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="synthesizer argument, e.g. -o beta=[0.5,1.0] -o texture_dir=dtd/images")  # fmt: skip

@@ -243,8 +243,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 @contextmanager
 def atomic_files(folder: str | Path) -> Iterator[Path]:
     """Yield a temporary folder next to ``folder``; on success each file written there is renamed into ``folder``
-    (JSON files last, so a config never names weights that are not there yet). On failure nothing in ``folder``
-    changes, so a model saved there before stays loadable; other files in ``folder`` are left alone."""
+    (JSON files last, so a config never names weights that are not there yet). When the writing fails (an error or
+    an interruption inside the block), nothing in ``folder`` changes, so a model saved there before stays loadable.
+    Each rename is atomic, the set of them is not; files of ``folder`` that the new save does not write stay."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))

@@ -106,10 +106,14 @@ def save_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
         inpainting variant), ``"clip"`` (a ``CLIPModel`` with tokenizer and image processor) and ``"blip2"`` (a
         ``Blip2ForImageTextRetrieval`` with a BERT tokenizer).
     """
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        return _build_and_save(Path(root), seed)
+
+
+def _build_and_save(root: Path, seed: int) -> dict[str, Path]:
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPVisionConfig
 
-    root = Path(root)
     torch.manual_seed(seed)  # the diffusers/transformers constructors draw their initial weights from the global RNG
     tokenizer = tiny_tokenizer()
     text_config = _text_config(len(tokenizer))

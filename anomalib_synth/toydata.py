@@ -32,7 +32,7 @@ def make_toy_mvtec(root: str | Path, size: int = 64, train: bool = True, loco: b
     root = Path(root)
     base = resize(builtin_photo("gravel"), (3 * size, 3 * size))
     crops = torch.stack([base[:, y : y + size, x : x + size] for y in (0, size) for x in (0, size, 2 * size)])
-    perlin = get("perlin", beta=(0.9, 1.0), area_range=(0.05, 0.15))
+    perlin = get("perlin", beta=(0.9, 1.0), area_range=(0.05, 0.15), foreground="none")
     defects = perlin(crops[3:], generator=torch.Generator().manual_seed(9))
     cat = root / category
     folders = {"test/good": crops[:2], "test/blob": defects.images}

@@ -498,3 +498,14 @@ def test_generate_cli_with_references(adapter, tmp_path) -> None:
                  "--size", "32", "32", "-q"]) == 0  # fmt: skip
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["label"] for r in records] == [True, True] and records[0]["params"]["reference"] == 0
+
+
+def test_adapter_paths_a_user_types_get_the_local_message(tiny, tmp_path, monkeypatch) -> None:
+    """A relative path that does not exist yet (`control_run/adapter`) is a local folder, not a Hub id; a folder
+    with another model's config.json is refused with one line, not a constructor traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "control_run").mkdir()
+    with pytest.raises(ModelNotFoundError, match="does not exist; train one"):
+        AnomalyControlModel(adapter="control_run/adapter")
+    with pytest.raises(ModelNotFoundError, match="not an AnomalyControl adapter"):
+        AnomalyControlModel(adapter=Path(tiny["sd"]) / "unet")

@@ -495,3 +495,13 @@ def test_the_old_save_pretrained_call_with_a_lora_state_still_saves_the_lora(tin
     loaded = XFusionModel(adapter=tmp_path / "old-call")
     lora, read = model.lora_state(), loaded.lora_state()
     assert lora.keys() == read.keys() and all(torch.equal(lora[k], read[k]) for k in lora)
+
+
+def test_an_adapter_with_lora_loads_from_a_home_relative_path(tiny, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.manual_seed(0)
+    model = XFusionModel(tiny["sd"], tiny["clip"], num_tokens=2, lora_rank=2)
+    model.save_adapter(tmp_path / "run" / "adapter")
+    loaded = XFusionModel(adapter="~/run/adapter")
+    lora, read = model.lora_state(), loaded.lora_state()
+    assert lora.keys() == read.keys() and all(torch.equal(lora[k], read[k]) for k in lora)

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..base import Params, Synthesizer
 from ..ops import randint
 from ..perlin import PerlinSynthesizer
-from ..placement import check_foreground_mode, resolve_foreground
+from ..placement import DEFAULT_FOREGROUND, check_foreground_mode, resolve_foreground
 from ..validation import check_range
 from .latents import vae_scale_factor
 from .prompts import AnomalyPrompt, prompts_for
@@ -126,7 +126,7 @@ class DiffusionSynthesizer(Synthesizer):
         defects: list[str] | None = None,
         captions: str | Path | None = None,
         prompts: list[AnomalyPrompt] | None = None,
-        foreground: str = "auto",
+        foreground: str = DEFAULT_FOREGROUND,
         mask_area: tuple[float, float] = (0.02, 0.1),
         resolution: int | None = None,
         progress: bool = False,

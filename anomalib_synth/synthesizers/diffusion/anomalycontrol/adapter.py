@@ -126,6 +126,10 @@ class SemanticGuidedAdapter(ModelMixin, ConfigMixin):
         """
         from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
+        if not self.config.layers:
+            msg = ("this SGA was built without UNet layers: build a new one with SemanticGuidedAdapter.for_unet(unet, "
+                   "feature_dim, ...), which creates the K/V of every cross-attention layer of that UNet")  # fmt: skip
+            raise ValueError(msg)
         layers = cross_attention_layers(unet)
         wanted = {name: (size, self.config.cross_attention_dim)
                   for name, size in zip(self.config.layers, self.config.hidden_sizes, strict=True)}  # fmt: skip

@@ -74,9 +74,9 @@ class AnomalyControlSynthesizer(DiffusionSynthesizer):
             prompt's description.
 
     The returned mask is the target mask (as the official code); the blurred composite also softens a halo of
-    ``~2 sigma`` px around it. Pixels where the blurred mask is 0 are the input's own. :attr:`source_images` lists
-    the images the synthesizer has seen (the adapter's training images and the references), for the evaluation's
-    leakage check.
+    up to ``3 sigma`` px around it. Pixels where the blurred mask is 0 are the input's own. :attr:`source_images`
+    lists the images the synthesizer has seen (the adapter's training images and the references), for the
+    evaluation's leakage check.
     """
 
     description = "AnomalyControl: text-image reference defect -> BLIP-2 features -> IP-Adapter-style SD inpainting"

@@ -43,11 +43,21 @@ def load_adapter(adapter: str | Path, local_files_only: bool | None = None) -> S
     kind = adapter_format(path) if path.is_dir() else None
     if kind == "old":
         return path
-    if kind is None and (path.exists() or path.is_absolute() or str(adapter).startswith((".", "~"))):
+    # a local path: it exists, or looks like one (absolute, ./, ~), or its parent folder exists (control_run/adapter)
+    local = path.exists() or path.is_absolute() or str(adapter).startswith((".", "~")) or path.parent.is_dir()
+    if kind is None and local:
         problem = "has no config.json (not a saved adapter)" if path.exists() else "does not exist"
         msg = (f"AnomalyControl adapter: {str(adapter)!r} {problem}; train one with `anomalib-synth train control ... "
                "--output DIR` and pass DIR/adapter")  # fmt: skip
         raise ModelNotFoundError(msg)
+    if kind == "diffusers":
+        saved_class = json.loads((path / "config.json").read_text()).get("_class_name")
+        if saved_class != SemanticGuidedAdapter.__name__:
+            msg = (f"AnomalyControl adapter: {str(adapter)!r} holds a {saved_class or 'model without a class name'}, "
+                   "not an AnomalyControl adapter (SemanticGuidedAdapter); pass the folder `anomalib-synth train "
+                   "control` wrote (DIR/adapter)")  # fmt: skip
+            raise ModelNotFoundError(msg)
+        adapter = path
     what = "AnomalyControl: adapter (SGA, from `anomalib-synth train control`)"
     return load_pretrained(SemanticGuidedAdapter, adapter, what, local_files_only)
 

@@ -48,15 +48,19 @@ def lora_state(unet: nn.Module) -> dict[str, Tensor]:
     return get_peft_model_state_dict(unet)
 
 
-def save_lora(unet: nn.Module, folder: str | Path) -> Path:
-    """Write ``unet``'s LoRA to ``folder/pytorch_lora_weights.safetensors`` (diffusers' LoRA format)."""
+def save_lora(unet: nn.Module | None, folder: str | Path, state: dict[str, Tensor] | None = None) -> Path:
+    """Write ``unet``'s LoRA (or a peft ``state`` dict) to ``folder/pytorch_lora_weights.safetensors`` (diffusers'
+    LoRA format)."""
     from diffusers import StableDiffusionPipeline
 
     options = {}
-    if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
+    supports_metadata = (
+        "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters
+    )
+    if supports_metadata and unet is not None:
         options["unet_lora_adapter_metadata"] = unet.peft_config["default"].to_dict()  # diffusers >= 0.35
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state(unet), weight_name=LORA_WEIGHTS,
-                                              **options)  # fmt: skip
+    layers = lora_state(unet) if state is None else state
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=LORA_WEIGHTS, **options)
     return Path(folder) / LORA_WEIGHTS
 
 

@@ -184,24 +184,24 @@ class XFusionAdapter(ModelMixin, ConfigMixin):
     def training_data(self, value: dict[str, Any] | None) -> None:
         self.register_to_config(training_data=value)
 
-    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
-        """diffusers' ``save_pretrained``. The earlier call ``save_pretrained(folder, lora_state)`` still works,
-        with a ``DeprecationWarning``: the LoRA state is written as diffusers' LoRA file beside the adapter (prefer
-        :meth:`XFusionModel.save_adapter`, which saves both)."""
-        lora = args[0] if args and (isinstance(args[0], dict) or args[0] is None) else kwargs.pop("lora_state", False)
-        if lora is not False:
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Path:
+        """diffusers' ``save_pretrained``; returns the folder. The earlier call ``save_pretrained(folder,
+        lora_state)`` still works, with a ``DeprecationWarning``: the LoRA state is written as diffusers' LoRA file
+        beside the adapter (prefer :meth:`XFusionModel.save_adapter`, which saves both)."""
+        old_call = bool(args) and (isinstance(args[0], dict) or args[0] is None)
+        lora = args[0] if old_call else kwargs.pop("lora_state", None)
+        if old_call or lora is not None:
             import warnings
 
             warnings.warn("XFusionAdapter.save_pretrained(folder, lora_state) is deprecated: use "
                           "XFusionModel.save_adapter(folder)", DeprecationWarning, stacklevel=2)  # fmt: skip
-            args = args[1:] if args and (isinstance(args[0], dict) or args[0] is None) else args
+            args = args[1:] if old_call else args
         super().save_pretrained(save_directory, *args, **kwargs)
         if lora:
-            from diffusers import StableDiffusionPipeline
+            from .lora import save_lora
 
-            from .lora import LORA_WEIGHTS
-
-            StableDiffusionPipeline.save_lora_weights(save_directory, unet_lora_layers=lora, weight_name=LORA_WEIGHTS)
+            save_lora(None, save_directory, state=lora)
+        return Path(save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> XFusionAdapter:

@@ -86,8 +86,9 @@ class XFusionSynthesizer(DiffusionSynthesizer):
 
     The output mask is the regenerated region: the latent cells (8x8 pixels at SD 1.5's resolution) that hold any
     pixel of the drawn mask, mapped back to the image and cut to the foreground, so it covers the drawn mask and may
-    exceed it by up to a cell, never onto the background. Outside it, pixels are the input's own. :attr:`source_images` lists the images the synthesizer has seen (the
-    adapter's training images and the references), for the evaluation's leakage check.
+    exceed it by up to a cell, never onto the background. Outside it, pixels are the input's own.
+    :attr:`source_images` lists the images the synthesizer has seen (the adapter's training images and the
+    references), for the evaluation's leakage check.
     """
 
     description = "AnomalyXFusion: text + mask + texture X-embedding with timestep-adaptive fusion (trained adapter)"

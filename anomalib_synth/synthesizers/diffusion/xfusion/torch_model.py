@@ -63,7 +63,8 @@ class XFusionModel(nn.Module):
 
         folder = None
         if isinstance(adapter, (str, Path)):
-            folder, adapter = Path(adapter), XFusionAdapter.from_pretrained(adapter)
+            folder = Path(adapter).expanduser()  # the LoRA is read from the same folder as the adapter
+            adapter = XFusionAdapter.from_pretrained(folder)
         settings = adapter.settings if adapter is not None else {}
         self.base_model = str(base_model or settings.get("base_model", SD15))
         self.clip_model = str(clip_model or settings.get("clip_model", CLIP_VIT_L14))
