@@ -102,6 +102,13 @@ def _images(name: str, photos: torch.Tensor) -> torch.Tensor:
     return photos[:2] if get_class(name).requires_weights else photos
 
 
+def _coverage(out, images: torch.Tensor) -> torch.Tensor:
+    """Per sample: the fraction of mask pixels that changed by more than one grey level."""
+    changed = (out.images.float() - images.float()).abs().amax(1, keepdim=True) > 1 / 255
+    mask = out.masks.bool()
+    return (changed & mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
+
+
 def _outside(synth: Synthesizer, out) -> torch.Tensor:
     return ~synth.affected_region(out.masks).expand_as(out.images)
 
@@ -109,7 +116,9 @@ def _outside(synth: Synthesizer, out) -> torch.Tensor:
 @pytest.mark.parametrize("name", NAMES)
 def test_result_contract(name: str, built, photos: torch.Tensor) -> None:
     images = _images(name, photos)
+    before = images.clone()
     out = built(name)(images, generator=gen(0))
+    assert torch.equal(images, before), "the input tensor was written in place"
     b = len(images)
     assert out.images.shape == images.shape and out.images.dtype == images.dtype
     assert out.masks.shape == (b, 1, 96, 96) and out.masks.dtype == torch.float32
@@ -140,9 +149,7 @@ def test_inside_the_mask_changed_visibly(name: str, built, photos: torch.Tensor)
     images = _images(name, photos)
     out = built(name)(images, generator=gen(2))
     assert (metrics.anomaly_visibility(out, images) > 0.02).all()
-    changed = (out.images - images).abs().amax(1, keepdim=True) > 1 / 255
-    mask = out.masks.bool()
-    coverage = (changed & mask).flatten(1).sum(1) / mask.flatten(1).sum(1)
+    coverage = _coverage(out, images)
     assert (coverage > 0.6).all(), f"the mask claims pixels that did not change: {coverage.tolist()}"
 
 
@@ -151,7 +158,7 @@ def test_same_seed_same_output_different_seed_different_output(name: str, built,
     synth, images = built(name), _images(name, photos)
     a, b, c = synth(images, generator=gen(7)), synth(images, generator=gen(7)), synth(images, generator=gen(8))
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks) and a.params == b.params
-    assert not torch.equal(a.images, c.images)
+    assert not torch.equal(a.images, c.images) and not torch.equal(a.masks, c.masks)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -181,7 +188,7 @@ def test_grayscale_images(name: str, built, photos: torch.Tensor) -> None:
     assert out.images.shape == gray.shape
     outside = _outside(synth, out)
     assert torch.equal(out.images[outside], gray[outside])
-    assert out.labels.all()
+    assert out.labels.all() and _coverage(out, gray).min() > 0.6, "gray images change inside the mask"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -193,6 +200,7 @@ def test_float64_and_non_square_images(name: str, built, photos: torch.Tensor) -
     assert out.masks.shape == (len(images), 1, 96, 80)
     outside = _outside(synth, out)
     assert torch.equal(out.images[outside], images[outside]), "float64 pixels outside are the input's, bit-exact"
+    assert out.labels.all() and _coverage(out, images).min() > 0.6, "float64 images change inside the mask"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -247,3 +255,20 @@ def test_config_rebuilds_the_same_synthesizer(name: str, built, photos: torch.Te
     assert twin.config() == config
     a, b = synth(images, generator=gen(11)), twin(images, generator=gen(11))
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_placement_keeps_defects_on_the_object(name: str, built, object_on_background) -> None:
+    """Without ``fg_masks``, the one default (``foreground="auto"``) puts every change on the object, not on the
+    plain background (textured photos cannot show this: their foreground is the whole image)."""
+    synth = built(name)
+    images, disc = object_on_background
+    out = synth(images, generator=gen(12))
+    if "foreground" not in synth.config():  # anomalib's baseline has no placement option: it is declared so
+        assert not synth.anomalous_inside_any_foreground
+        return
+    assert synth.config()["foreground"] == "auto"
+    assert out.labels.all() and not (out.masks.bool() & ~disc).any(), "a defect on the background"
+    assert torch.equal(out.images[~disc.expand_as(images)], images[~disc.expand_as(images)]) or (
+        not synth.keeps_pixels_outside_mask
+    )

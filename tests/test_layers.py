@@ -79,4 +79,5 @@ def test_deprecated_aliases_warn_and_reexport(alias: str) -> None:
     sys.modules.pop(alias, None)
     with pytest.warns(DeprecationWarning, match="moved to"):
         module = importlib.import_module(alias)
-    assert module.__all__ and all(hasattr(module, name) for name in module.__all__)
+    target = importlib.import_module(module.__doc__.split(":mod:`", 1)[1].split("`", 1)[0])
+    assert module.__all__ and all(getattr(module, name) is getattr(target, name) for name in module.__all__)

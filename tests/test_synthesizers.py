@@ -44,14 +44,6 @@ def test_nsa_changes_exactly_where_the_mask_says(photos: torch.Tensor) -> None:
     assert torch.equal(metrics.mask_agreement(out, photos, tau=0.0), torch.ones(4))
 
 
-def test_empty_foreground_gives_normal_samples(photos: torch.Tensor) -> None:
-    fg = torch.zeros(4, 1, 96, 96)
-    fg[0, :, 10:50, 10:50] = 1
-    out = get("perlin")(photos, fg_masks=fg, generator=gen(0))
-    assert out.labels.tolist() == [True, False, False, False]
-    assert torch.equal(out.images[1:], photos[1:])
-
-
 @pytest.mark.parametrize(
     ("images", "message"),
     [

@@ -489,7 +489,7 @@ def test_an_interrupted_adapter_save_keeps_the_previous_adapter(tiny, tmp_path, 
 
 def test_the_old_save_pretrained_call_with_a_lora_state_still_saves_the_lora(tiny, tmp_path) -> None:
     torch.manual_seed(0)
-    model = XFusionModel(tiny["sd"], tiny["clip"], num_tokens=2, lora_rank=2)
+    model = with_trained_lora(XFusionModel(tiny["sd"], tiny["clip"], num_tokens=2, lora_rank=2))
     with pytest.warns(DeprecationWarning, match="save_adapter"):
         model.adapter.save_pretrained(tmp_path / "old-call", model.lora_state())
     loaded = XFusionModel(adapter=tmp_path / "old-call")
@@ -500,7 +500,7 @@ def test_the_old_save_pretrained_call_with_a_lora_state_still_saves_the_lora(tin
 def test_an_adapter_with_lora_loads_from_a_home_relative_path(tiny, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     torch.manual_seed(0)
-    model = XFusionModel(tiny["sd"], tiny["clip"], num_tokens=2, lora_rank=2)
+    model = with_trained_lora(XFusionModel(tiny["sd"], tiny["clip"], num_tokens=2, lora_rank=2))
     model.save_adapter(tmp_path / "run" / "adapter")
     loaded = XFusionModel(adapter="~/run/adapter")
     lora, read = model.lora_state(), loaded.lora_state()
