@@ -448,3 +448,28 @@ def test_atomic_files_keep_the_previous_model_when_a_save_fails(tmp_path) -> Non
     with atomic_files(folder) as tmp:
         (tmp / "weights.safetensors").write_bytes(b"new")
     assert (folder / "weights.safetensors").read_bytes() == b"new" and (folder / "notes.txt").exists()
+
+
+def test_synthesizer_swap_skips_corrupt_files_of_a_plain_anomalib_datamodule(tmp_path, caplog) -> None:
+    """DRAEM + SynthesizerSwap on anomalib's own Folder (no wrapper) with a corrupt and a truncated file among the
+    training images: the callback drops them at setup, so the fit does not fail inside a DataLoader worker."""
+    from anomalib.models import Draem
+
+    from anomalib_synth.data import SynthesizerSwap
+
+    root = write_folder_dataset(tmp_path / "data", corrupt=True)
+    (tmp_path / "dtd").mkdir()
+    callback = SynthesizerSwap("nsa", probability=1.0, seed=0)
+    datamodule = _folder(root)
+    with caplog.at_level("WARNING"):
+        _engine(tmp_path, callbacks=[callback], limit_train_batches=2).fit(
+            model=Draem(dtd_dir=str(tmp_path / "dtd"), pre_processor=_pre_processor()), datamodule=datamodule
+        )
+    assert sorted(Path(p).name for p in callback.skipped_files) == ["zz_garbage.png", "zz_truncated.png"]
+    assert not datamodule.train_data.samples.image_path.str.contains("zz_").any()
+    assert "zz_garbage" in caplog.text
+    strict = SynthesizerSwap("nsa", probability=1.0, seed=0, on_bad_file="raise")
+    with pytest.raises(ImageReadError, match="zz_"):
+        _engine(tmp_path / "strict", callbacks=[strict], limit_train_batches=1).fit(
+            model=Draem(dtd_dir=str(tmp_path / "dtd"), pre_processor=_pre_processor()), datamodule=_folder(root)
+        )

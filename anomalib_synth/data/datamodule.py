@@ -14,11 +14,12 @@ from anomalib.data.datasets.base import AnomalibDataset
 from anomalib.data.utils import TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Resize
 
-from ..io import ON_ERROR, RAISE, ImageReadError, UnsupportedImageError, probe_image
+from ..io import ON_ERROR
 from ..seeding import derive_seed, generator_for
 from ..synthesizers import Synthesizer, get
 from ..transforms import synthesize_batch
 from .cache import build_cache, records_to_samples
+from .checks import drop_unreadable
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         for split in ("train", "val", "test"):
             dataset = getattr(inner, f"{split}_data", None)
             if dataset is not None:
-                self._drop_unreadable(dataset, split)
+                self.skipped_files += drop_unreadable(dataset, split, self.on_bad_file)
         train: AnomalibDataset = inner.train_data
         normal = [i for i, label in enumerate(train.samples.label_index) if int(label) == 0]
         generator = generator_for(self.seed or 0, "shots")
@@ -252,32 +253,6 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
             self.test_data = self._concat(self.test_data, synthetic)
         if self.mode == "cache":
             self.train_data = self._with_synthetic(self.train_data, "train", size, train.augmentations)
-
-    def _drop_unreadable(self, dataset: AnomalibDataset, split: str) -> None:
-        """Check every image and mask file of ``dataset`` (headers only) before anomalib's loaders meet them."""
-        samples = dataset.samples
-        masks = samples["mask_path"] if "mask_path" in samples else [""] * len(samples)
-        bad = []
-        for row, (image, mask) in enumerate(zip(samples.image_path, masks, strict=True)):
-            for path in (image, mask):
-                if not isinstance(path, str) or not path:
-                    continue
-                try:
-                    probe_image(path)
-                except UnsupportedImageError:
-                    raise
-                except ImageReadError as err:
-                    if self.on_bad_file == RAISE:
-                        raise
-                    logger.warning("%s set: skipping %s", split, err)
-                    self.skipped_files.append(str(path))
-                    bad.append(row)
-                    break
-        if bad:
-            kept = samples.drop(index=samples.index[bad]).reset_index(drop=True)
-            kept.attrs.update(samples.attrs)
-            dataset.samples = kept
-            logger.warning("%s set: skipped %d unreadable file(s); %d samples remain", split, len(bad), len(kept))
 
     def _synthesis_size(self) -> tuple[int, int]:
         if self.image_size:

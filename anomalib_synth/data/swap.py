@@ -19,10 +19,12 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
+from ..io import ON_ERROR
 from ..seeding import derive_seed
 from ..synthesizers import Synthesizer, get
 from ..synthesizers.base import make_generator
 from ..transforms import synthesize_batch
+from .checks import drop_unreadable
 
 AUGMENTER_ATTRIBUTES = ("augmenter", "perlin_generator", "model.augmentor")
 """Attributes holding a model's own anomaly generator: DRAEM ``augmenter``, DSR ``perlin_generator``, GLASS
@@ -79,6 +81,9 @@ def swap_augmenter(
 class SynthesizerSwap(Callback):
     """Lightning callback: at ``setup``, make the model's own anomaly generator one of our synthesizers.
 
+    It also checks the datamodule's image and mask files first (``on_bad_file``: ``"skip"`` unreadable ones with a
+    warning naming each, or ``"raise"``), as :class:`~anomalib_synth.data.SyntheticAnomalyDataModule` does.
+
     Example (YAML, under ``trainer:``)::
 
         callbacks:
@@ -86,16 +91,36 @@ class SynthesizerSwap(Callback):
             init_args: {synthesizer: cutpaste, probability: 0.5, seed: 0}
     """
 
-    def __init__(self, synthesizer: Synthesizer | str, probability: float = 0.5, seed: int | None = 0) -> None:
+    def __init__(self, synthesizer: Synthesizer | str, probability: float = 0.5, seed: int | None = 0,
+                 on_bad_file: str = "skip") -> None:  # fmt: skip
         super().__init__()
+        if on_bad_file not in ON_ERROR:
+            msg = f"on_bad_file must be one of {ON_ERROR}, got {on_bad_file!r}"
+            raise ValueError(msg)
         self.synthesizer = synthesizer
         self.probability = probability
         self.seed = seed
+        self.on_bad_file = on_bad_file
         self.replaced: str | None = None
         self.augmenter: SynthesizerAugmenter | None = None
+        self.skipped_files: list[str] = []
+        self._checked: set[int] = set()
+
+    def _check_files(self, trainer: Trainer) -> None:
+        """The datamodule's files, checked once per dataset after its ``setup`` (which Lightning runs before the
+        callbacks'): unreadable ones are dropped with a warning (``on_bad_file="raise"`` stops), as
+        :class:`~anomalib_synth.data.SyntheticAnomalyDataModule` does, so that a plain anomalib datamodule with a
+        corrupt file does not fail mid-epoch inside a DataLoader worker."""
+        datamodule = getattr(trainer, "datamodule", None)
+        for split in ("train", "val", "test"):
+            dataset = getattr(datamodule, f"{split}_data", None)
+            if dataset is not None and hasattr(dataset, "samples") and id(dataset) not in self._checked:
+                self.skipped_files += drop_unreadable(dataset, split, self.on_bad_file)
+                self._checked.add(id(dataset))
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         del stage
+        self._check_files(trainer)
         current = pl_module
         for part in (self.replaced or "").split("."):
             current = getattr(current, part, None) if part else None
