@@ -182,3 +182,29 @@ class DiffusionSynthesizer(Synthesizer):
     @property
     def model_device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+class ReferenceDefectSynthesizer(DiffusionSynthesizer):
+    """Base of the methods steered by reference defects (AnomalyXFusion, AnomalyControl): each sample draws one of
+    ``self.references`` (recorded as the ``reference`` param), and :attr:`source_images` lists the images the
+    synthesizer has seen, its adapter's training images (:attr:`training_data`) and the references, for the
+    evaluation's leakage check."""
+
+    references: list[dict[str, Any]]
+    _param_keys = ("prompt", "seed", "reference")
+
+    @property
+    def training_data(self) -> dict[str, Any] | None:
+        """The training images recorded with the adapter (``None`` when unknown)."""
+        raise NotImplementedError
+
+    @property
+    def source_images(self) -> list[str]:
+        """Images this synthesizer has seen: its adapter's training images and its references."""
+        trained = [entry["image"] for entry in (self.training_data or {}).get("images", [])]
+        return list(dict.fromkeys([*trained, *(reference["image"] for reference in self.references)]))
+
+    def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
+        params = super().sample_params(images, fg_masks, generator)
+        params["reference"] = randint(0, len(self.references) - 1, (images.shape[0],), generator, images.device)
+        return params

@@ -44,9 +44,8 @@ from kornia.filters import gaussian_blur2d
 from torch import Tensor
 
 from ...base import Params, SynthesisResult
-from ...ops import randint
 from ...registry import register
-from ..common import DiffusionSynthesizer, load_references, to_model_size
+from ..common import ReferenceDefectSynthesizer, load_references, to_model_size
 from .sampling import NEGATIVE_PROMPT
 from .torch_model import AnomalyControlModel
 
@@ -54,7 +53,7 @@ __all__ = ["AnomalyControlSynthesizer"]
 
 
 @register("anomalycontrol")
-class AnomalyControlSynthesizer(DiffusionSynthesizer):
+class AnomalyControlSynthesizer(ReferenceDefectSynthesizer):
     """AnomalyControl inference: a normal image, a target mask and text, steered by a text-image reference defect.
 
     Args:
@@ -85,7 +84,6 @@ class AnomalyControlSynthesizer(DiffusionSynthesizer):
         "per synthesizer; in training, per image), one BLIP-2 vision pass and `asea_steps` Q-Former forward/backward "
         "passes (ASEA never backpropagates through the ViT-g)."
     )
-    _param_keys = ("prompt", "seed", "reference")
     keeps_pixels_outside_mask = False  # the paper's blurred composite softens a halo around the mask
 
     def composite_weights(self, masks: Tensor) -> Tensor:
@@ -128,15 +126,8 @@ class AnomalyControlSynthesizer(DiffusionSynthesizer):
         return self.core.unet, self.core.vae
 
     @property
-    def source_images(self) -> list[str]:
-        """Images this synthesizer has seen: its adapter's training images and its references."""
-        trained = [e["image"] for e in (self.core.training_data or {}).get("images", [])]
-        return list(dict.fromkeys([*trained, *(r["image"] for r in self.references)]))
-
-    def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
-        params = super().sample_params(images, fg_masks, generator)
-        params["reference"] = randint(0, len(self.references) - 1, (images.shape[0],), generator, images.device)
-        return params
+    def training_data(self) -> dict[str, Any] | None:
+        return self.core.training_data
 
     def reference_features(self, indices: list[int]) -> Tensor:
         """CSM (+ ASEA) features of the references, computed once per reference and kept."""

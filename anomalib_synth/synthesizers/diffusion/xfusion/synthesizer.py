@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ...base import Params, SynthesisResult
 from ...registry import register
-from ..common import DiffusionSynthesizer, composite, to_model_size
+from ..common import ReferenceDefectSynthesizer, composite, to_model_size
 from ..loading import resolve_dtype
 from .masks import regenerated_pixels
 from .modules import XFusionAdapter
@@ -62,7 +62,7 @@ def _reference_entries(references: str | Path | None, adapter: XFusionAdapter, c
 
 
 @register("xfusion")
-class XFusionSynthesizer(DiffusionSynthesizer):
+class XFusionSynthesizer(ReferenceDefectSynthesizer):
     """AnomalyXFusion inference (arXiv 2404.19444): a normal image, a mask, a caption -> an anomalous image.
 
     Args:
@@ -97,7 +97,6 @@ class XFusionSynthesizer(DiffusionSynthesizer):
         "default; half that with `guidance_scale=1`), plus one CLIP image pass per reference (cached per synthesizer). "
         "Training updates only the adapter (MIF + DDF [+ LoRA])."
     )
-    _param_keys = ("prompt", "seed", "reference")
 
     def __init__(
         self,
@@ -143,17 +142,8 @@ class XFusionSynthesizer(DiffusionSynthesizer):
         return self.core.unet, self.core.vae
 
     @property
-    def source_images(self) -> list[str]:
-        """Images this synthesizer has seen: its adapter's training images and its references."""
-        trained = [e["image"] for e in (self.core.adapter.training_data or {}).get("images", [])]
-        return list(dict.fromkeys([*trained, *(e["image"] for e in self.references)]))
-
-    def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
-        from ...ops import randint
-
-        params = super().sample_params(images, fg_masks, generator)
-        params["reference"] = randint(0, len(self.references) - 1, (images.shape[0],), generator, images.device)
-        return params
+    def training_data(self) -> dict[str, Any] | None:
+        return self.core.adapter.training_data
 
     def reference_textures(self, indices: list[int]) -> Tensor:
         """CLIP embeddings of ``reference * its mask`` (Eq. 3), computed once per reference and kept."""
