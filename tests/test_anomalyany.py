@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import gen
+from tiny_data import ANOMALYANY_FAST
 
 from anomalib_synth.synthesizers import get
 from anomalib_synth.synthesizers.diffusion import anomalyany
@@ -22,8 +23,7 @@ from anomalib_synth.synthesizers.diffusion.anomalyany.schedule import localized,
 from anomalib_synth.synthesizers.diffusion.attention import StoreCrossAttnProcessor
 from anomalib_synth.synthesizers.diffusion.latents import noise_to_timestep
 
-FAST = {"num_inference_steps": 8, "gamma": 0.5, "attention_steps": 2, "inner_steps": 2, "refine_fraction": 0.5,
-        "localized_range": None}  # fmt: skip
+FAST = ANOMALYANY_FAST
 NO_BLUR = (1, 1.0)  # a 1x1 Gaussian kernel: the identity
 
 

@@ -21,14 +21,13 @@ import pytest
 import torch
 from conftest import gen
 from PIL import Image
+from tiny_data import ANOMALYANY_FAST
 
 from anomalib_synth import metrics
 from anomalib_synth.io import builtin_photo, resize, to_uint8
 from anomalib_synth.synthesizers import Synthesizer, available, get, get_class
 
 SMALL_STEPS = {"num_inference_steps": 3}
-ANOMALYANY_FAST = {"num_inference_steps": 8, "gamma": 0.5, "attention_steps": 2, "inner_steps": 2,
-                   "refine_fraction": 0.5, "localized_range": None}  # fmt: skip
 
 
 def _references(folder: Path) -> Path:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import gen
 from PIL import Image
+from tiny_data import ANOMALYANY_FAST
 
 from anomalib_synth.synthesizers import get
 from anomalib_synth.synthesizers.diffusion.anomalyany import attention_resolution
@@ -24,9 +25,7 @@ from anomalib_synth.synthesizers.diffusion.attention import (
 from anomalib_synth.synthesizers.diffusion.loading import ModelNotFoundError, load_pretrained
 from anomalib_synth.synthesizers.diffusion.prompts import load_captions, prompts_for
 
-# the smallest schedule that still has guided, plain and refinement steps: 8 steps x 0.5 = 4 executed steps
-FAST = {"num_inference_steps": 8, "gamma": 0.5, "attention_steps": 2, "inner_steps": 2, "refine_fraction": 0.5,
-        "localized_range": None}  # fmt: skip
+FAST = ANOMALYANY_FAST
 
 
 @pytest.fixture(scope="module")

@@ -68,3 +68,8 @@ def folder_datamodule_config(root: Path) -> dict:
                       "normal_test_dir": "test_good", "mask_dir": "mask", "val_split_mode": "none",
                       "train_batch_size": 1, "eval_batch_size": 4, "num_workers": 0},
     }  # fmt: skip
+
+
+ANOMALYANY_FAST = {"num_inference_steps": 8, "gamma": 0.5, "attention_steps": 2, "inner_steps": 2,
+                   "refine_fraction": 0.5, "localized_range": None}  # fmt: skip
+"""The smallest AnomalyAny schedule that still has guided, plain and refinement steps (8 x 0.5 = 4 executed)."""
