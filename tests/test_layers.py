@@ -13,11 +13,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "anomalib_synth"
 
 LAYERS = {
     "errors": 0,
-    "io": 1, "seeding": 1, "testing": 1,
+    "io": 1, "seeding": 1, "testing": 1, "views": 1,
     "synthesizers": 2,
     "transforms": 3, "writer": 3, "albumentations": 3, "metrics": 3, "backbones": 3,
     "synthesis": 4,
-    "generate": 5, "data": 5, "training": 5,
+    "generate": 5, "data": 5, "training": 5, "models": 5,
     "evaluation": 6, "scoring": 6, "toydata": 6, "docs_pages": 6,
     "demo": 7,
     "cli": 8,
