@@ -155,6 +155,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         backbone=args.backbone,
         layers=split(args.layers) or None,
         backbone_weights=_backbone_weights(args.backbone_weights),
+        extra_normals=args.extra_normals,
+        segmenter_dir=args.segmenter_dir,
     )
     start = time.perf_counter()
     evaluate(config, args.output, progress=not args.quiet)
@@ -277,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", required=True, help="comma-separated, e.g. bottle,grid")
     p.add_argument("--synthesizers", default="anomalib-perlin,perlin,cutpaste,nsa")
     p.add_argument("--protocol", default="segmentation",
-                   help="comma-separated: segmentation, draem, anomalib, patchcore, supersimplenet, glass")  # fmt: skip
+                   help="comma-separated: segmentation, draem, anomalib, patchcore, supersimplenet, glass, refiner, "
+                        "segmenter, fusion")  # fmt: skip
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--image-size", type=int, default=None,
@@ -308,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="register a local weights file as timm's pretrained NAME (e.g. resnet18.local=r18.pth)",
     )
+    p.add_argument("--extra-normals", type=int, default=0, metavar="N",
+                   help="normal images beyond the shots for validation splits (default 0: strict k-shot, validation "
+                        "from augmented views of the shots)")  # fmt: skip
+    p.add_argument("--segmenter-dir", default=None,
+                   help="pretrained one-prompt segmenters, one per left-out category (default OUTPUT/segmenters)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
     p.add_argument("--output", required=True)
     p.add_argument("--quiet", "-q", action="store_true")

@@ -168,8 +168,8 @@ def test_detector_protocols_run_end_to_end_and_resume(tmp_path) -> None:
     results = evaluate(config, tmp_path / "out", progress=False)
     rows = {(r["protocol"], r["method"]): r for r in results["runs"]}
     assert set(rows) == {
-        ("patchcore", m) for m in ("control-shot-diff", "control-patchcore", "threshold-default", "threshold-oracle",
-                                   "anomalib-perlin", "cutpaste")
+        ("patchcore", m) for m in ("control-shot-diff", "control-patchcore", "threshold-default", "threshold-views",
+                                   "threshold-oracle", "anomalib-perlin", "cutpaste")
     } | {("supersimplenet", m) for m in ("control-shot-diff", "control-patchcore", "ssn-default", "anomalib-perlin",
                                          "cutpaste")
     } | {("glass", m) for m in ("control-shot-diff", "control-patchcore", "anomalib-perlin", "cutpaste")}  # fmt: skip

@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 SHARED_CONTROLS = ("control-shot-diff", "control-patchcore")
-CONTROLS = ("control-untrained", "control-shot-diff", "control-patchcore", "threshold-default", "threshold-oracle",
-            "ssn-default")  # fmt: skip
+CONTROLS = ("control-untrained", "control-shot-diff", "control-patchcore", "threshold-default", "threshold-views",
+            "threshold-oracle", "ssn-default")  # fmt: skip
 """Every row that is not trained on a synthesizer's anomalies (the report lists them first, hatched)."""
 
 BASELINE = "anomalib-perlin"
@@ -58,8 +58,11 @@ class RunContext:
     test_images: Tensor  # [N, 3, H, W]
     test_masks: Tensor  # bool [N, H, W]
     test_labels: Tensor  # bool [N]
-    val_paths: list[Path] = field(default_factory=list)  # held-out normal images (not shots, not test)
+    val_paths: list[Path] = field(default_factory=list)  # extra normal images (not shots, not test): opt-in only
     test_paths: list[Path] = field(default_factory=list)  # the test images' files (for the leakage check)
+
+    def __post_init__(self) -> None:
+        check_disjoint(self.test_paths, shots=self.shot_paths, validation=self.val_paths)
 
     @property
     def texture_dir(self) -> str | None:
@@ -87,6 +90,7 @@ class Protocol:
         accepts_none: whether the synthesizer name ``none`` makes a row (train without synthesis).
         verdict_metric: the metric the report's verdict compares.
         needs_backbone: whether it builds anomalib models on the evaluation's pretrained backbone.
+        needs_segmenter: whether it reads the one-prompt segmenters, pretrained before the runs.
     """
 
     name: ClassVar[str]
@@ -95,6 +99,7 @@ class Protocol:
     accepts_none: ClassVar[bool] = False
     verdict_metric: ClassVar[str] = "pixel_AP"
     needs_backbone: ClassVar[bool] = False
+    needs_segmenter: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def methods(self, synthesizers: list[str]) -> list[str]:
@@ -120,6 +125,18 @@ class Protocol:
     def budget_text(self, budget: Budget) -> str:
         """How the report states the budget."""
         return f"at most {budget.steps} steps, batch {budget.batch_size}, anomaly ratio {budget.anomaly_ratio}"
+
+
+def check_disjoint(test_paths: list, **others: list) -> None:
+    """Refuse a run whose shots or validation images include a test image (by resolved path): ``LeakageError``."""
+    from ..training.leakage import LeakageError
+
+    test = {Path(p).resolve() for p in test_paths}
+    for what, paths in others.items():
+        shared = sorted(str(p) for p in paths if Path(p).resolve() in test)
+        if shared:
+            msg = f"{len(shared)} {what} image(s) are test images, e.g. {shared[0]}: a run must not see its test set"
+            raise LeakageError(msg)
 
 
 REGISTRY: dict[str, Protocol] = {}

@@ -4,8 +4,10 @@
   ``control-patchcore`` row of every table). A synthesizer only sets the **image threshold**: anomalib's
   ``F1AdaptiveThreshold`` on a synthetic validation split (held-out normal images + that synthesizer's anomalies of
   them), and the row reports the image F1 on the real test set at that threshold. References:
-  ``threshold-default`` (anomalib's fallback without anomalous validation images: the highest normal score) and
-  ``threshold-oracle`` (the best F1 on the test set itself).
+  ``threshold-default`` (anomalib's fallback without anomalous validation images: the highest normal score, on
+  the normal images a strict k-shot user has, the shots), ``threshold-views`` (normal-only: the highest score of
+  augmented views of the shots) and ``threshold-oracle`` (the best F1 on the test set itself). Validation splits
+  are made of augmented views of the shots unless the evaluation is given extra normal images (``extra_normals``).
 - ``supersimplenet``: SuperSimpleNet in supervised mode, trained on the shots plus each synthesizer's anomalies
   through :class:`~anomalib_synth.data.SyntheticAnomalyDataModule` (online); it still adds its own feature-space
   anomalies. ``ssn-default`` is stock unsupervised SuperSimpleNet (its own anomalies only).
@@ -36,6 +38,7 @@ from lightning.pytorch import Callback
 from torch import Tensor
 
 from .base import Budget, Outcome, Protocol, RunContext, register_protocol
+from .data import load_images
 from .features import FeatureCache, cache_frozen_features
 from .protocols import _engine, make_synthesizer, shots_datamodule
 
@@ -125,14 +128,26 @@ def best_f1(scores: Tensor, labels: Tensor) -> tuple[float, float]:
     return best, where
 
 
+def validation_normals(ctx: RunContext, count: int | None = None) -> Tensor:
+    """The normal images of a validation split: the extra normal images when the evaluation was given some
+    (``extra_normals``), else ``count`` (default ``budget.val_images``) augmented views of the shots
+    (:mod:`anomalib_synth.views`): strict k-shot."""
+    from ..seeding import generator_for
+    from ..views import augmented_views
+
+    if ctx.val_paths:
+        return load_images(ctx.val_paths, ctx.size)
+    views, _ = augmented_views(ctx.shots, count or ctx.budget.val_images, generator_for(ctx.seed, "val", 1))
+    return views
+
+
 def synthetic_validation(ctx: RunContext, synthesizer: str | None) -> tuple[Tensor, Tensor]:
-    """Validation images and labels: the held-out normal images (the shots when there are none) and, with a
-    synthesizer, ``budget.val_images`` anomalies made from them (cycled)."""
+    """Validation images and labels: the normal images of :func:`validation_normals` and, with a synthesizer,
+    ``budget.val_images`` anomalies made from them (cycled)."""
     from ..seeding import generator_for
     from ..transforms import synthesize_batch
-    from .data import load_images
 
-    normals = load_images(ctx.val_paths, ctx.size) if ctx.val_paths else ctx.shots
+    normals = validation_normals(ctx)
     labels = torch.zeros(len(normals), dtype=torch.bool)
     if synthesizer is None:
         return normals, labels
@@ -143,13 +158,17 @@ def synthetic_validation(ctx: RunContext, synthesizer: str | None) -> tuple[Tens
     return torch.cat([normals, anomalies]), torch.cat([labels, made])
 
 
+NORMAL_ONLY_VIEWS = 32
+"""Augmented views of the shots scored by the normal-only threshold rule (``threshold-views``)."""
+
+
 @register_protocol
 class PatchcoreProtocol(Protocol):
     """PatchCore on the shots; a synthesizer sets its image threshold from a synthetic validation split."""
 
     name = "patchcore"
     budget = Budget(steps=0, batch_size=8, lr=0.0, anomaly_ratio=1.0, image_size=256, val_images=8)
-    controls = ("control-shot-diff", "control-patchcore", "threshold-default", "threshold-oracle")
+    controls = ("control-shot-diff", "control-patchcore", "threshold-default", "threshold-views", "threshold-oracle")
     verdict_metric = "image_F1"
     needs_backbone = True
     description = "PatchCore on the shots; each synthesizer sets its image threshold (image F1 on the real test set)"
@@ -162,21 +181,31 @@ class PatchcoreProtocol(Protocol):
         info: dict[str, Any] = {}
         if method == "threshold-oracle":
             f1, threshold = best_f1(test_scores, labels)
+        elif method == "threshold-views":  # normal-only: the highest score of augmented views of the shots
+            _, view_scores = _predict(model, validation_normals(ctx, NORMAL_ONLY_VIEWS), ctx.size)
+            threshold = float(view_scores.max())
+            f1 = image_f1(test_scores, labels, threshold)
         else:
-            images, val_labels = synthetic_validation(ctx, None if method == "threshold-default" else method)
+            if method == "threshold-default":  # anomalib's fallback on what a k-shot user's validation set holds
+                images = load_images(ctx.val_paths, ctx.size) if ctx.val_paths else ctx.shots
+                val_labels = torch.zeros(len(images), dtype=torch.bool)
+            else:
+                images, val_labels = synthetic_validation(ctx, method)
             _, val_scores = _predict(model, images, ctx.size)
             threshold = f1_adaptive_threshold(val_scores, val_labels)
             f1 = image_f1(test_scores, labels, threshold)
             info.update(val_normal=int((~val_labels).sum()), val_anomalous=int(val_labels.sum()),
-                        val_from_shots=not ctx.val_paths)  # fmt: skip
+                        extra_normals=len(ctx.val_paths))  # fmt: skip
         predicted = test_scores > threshold
         info.update(threshold=threshold, flagged_normal=int((predicted & ~labels).sum()),
                     missed_anomalous=int((~predicted & labels).sum()), feature_cache=cache.stats())  # fmt: skip
         return Outcome(None, metrics={"image_F1": f1}, info=info)
 
     def budget_text(self, budget: Budget) -> str:
-        return (f"memory bank of the shots (coreset ratio 1); synthetic validation: up to {budget.val_images} "
-                f"held-out normal images + {budget.val_images} anomalies of them per synthesizer")  # fmt: skip
+        return (f"memory bank of the shots (coreset ratio 1); synthetic validation: {budget.val_images} augmented "
+                f"views of the shots (or the extra normal images, if the evaluation gives some) + "
+                f"{budget.val_images} anomalies of them per synthesizer; threshold-views: the highest score of "
+                f"{NORMAL_ONLY_VIEWS} views")  # fmt: skip
 
 
 # --- SuperSimpleNet and GLASS ----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from ..io import write_png, write_text
-from . import detectors, protocols  # noqa: F401  (register the protocols)
+from . import detectors, oneshot, protocols  # noqa: F401  (register the protocols)
 from .base import REGISTRY, Budget, RunContext, get_protocol
 from .data import load_category, load_images, load_test_set
 from .scores import METRICS, evaluate_maps, normalise
@@ -52,6 +52,8 @@ class EvalConfig:
     layers: list[str] | None = None  # None: PATCHCORE_LAYERS for PatchCore, DETECTOR_LAYERS for the others
     backbone_weights: dict[str, str] = field(default_factory=dict)
     feature_cache: bool = True  # per-image cache of the frozen backbone's features within a run (same results)
+    extra_normals: int = 0  # normal images beyond the shots for validation splits (0: strict k-shot, views only)
+    segmenter_dir: str | None = None  # pretrained one-prompt segmenters (None: OUTPUT/segmenters)
 
     def budget(self, protocol: str) -> Budget:
         """The protocol's budget: its default, ``image_size`` if set, then ``budgets[protocol]``."""
@@ -139,6 +141,7 @@ RUN_SETTINGS = (
     "backbone",
     "layers",
     "backbone_weights",
+    "extra_normals",
 )
 """Settings that change a run's result: a resumed evaluation must use the same ones."""
 
@@ -186,7 +189,8 @@ def plan(config: EvalConfig) -> list[dict[str, Any]]:
 
 def held_out_normals(data: Any, shots: list[Path], count: int, seed: int) -> list[Path]:
     """Up to ``count`` normal training images that are not shots (none when the shots come from the test set),
-    drawn reproducibly: the normal half of a synthetic validation split."""
+    drawn reproducibly. Only with ``EvalConfig.extra_normals`` (an explicit option): by default a k-shot run sees
+    its k shots and nothing else, and validation splits are made of augmented views of them."""
     if data.shots_from_test or count <= 0:
         return []
     candidates = [p for p in data.normal if p not in shots]
@@ -206,7 +210,7 @@ def execute(task: dict[str, Any], config: EvalConfig, output: Path) -> dict[str,
     method, seed = task["method"], task["seed"]
     ctx = RunContext(config=config, category=task["category"], seed=seed, budget=budget, size=size,
                      shot_paths=shot_paths, shots=load_images(shot_paths, size), test_images=images, test_masks=masks,
-                     test_labels=labels, val_paths=held_out_normals(data, shot_paths, budget.val_images, seed),
+                     test_labels=labels, val_paths=held_out_normals(data, shot_paths, config.extra_normals, seed),
                      test_paths=[s.image for s in test])  # fmt: skip
     outcome = protocol.run(method, ctx)
     nan = float("nan")
@@ -256,6 +260,34 @@ def _work(args: tuple[dict[str, Any], dict[str, Any], str]) -> dict[str, Any]:
     return record
 
 
+def _pretrain(args: tuple[dict[str, Any], str]) -> str:
+    config_dict, category = args
+    torch.set_num_threads(1)
+    config = EvalConfig(**config_dict)
+    config.register_backbones()
+    return str(oneshot.pretrain_segmenter(config, config.budget("segmenter"), category))
+
+
+def pretrain_segmenters(config: EvalConfig, progress: bool = True) -> list[str]:
+    """Pretrain (or finish, or reuse) one segmenter per evaluated category, each leaving its category out; they
+    run ``workers`` at a time, before the runs that read them."""
+    names = list(dict.fromkeys(Path(c).name for c in config.categories))
+    args = [(asdict(config), name) for name in names]
+    with tqdm(total=len(args), desc="pretrain segmenters", unit="model", disable=not progress) as bar:
+        if config.workers > 1 and len(args) > 1:
+            with mp.get_context("spawn").Pool(min(config.workers, len(args))) as pool:
+                folders = []
+                for folder in pool.imap(_pretrain, args):
+                    folders.append(folder)
+                    bar.update(1)
+        else:
+            folders = []
+            for arg in args:
+                folders.append(_pretrain(arg))
+                bar.update(1)
+    return folders
+
+
 def evaluate(config: EvalConfig, output: str | Path, progress: bool = True) -> dict[str, Any]:
     """Run (or finish) the evaluation into ``output`` and write ``results.json``, ``results.md`` and plots.
 
@@ -266,6 +298,9 @@ def evaluate(config: EvalConfig, output: str | Path, progress: bool = True) -> d
     config.validate()
     output = Path(output)
     check_settings(config, output)
+    if oneshot.needs_segmenter(config.protocols):
+        config.segmenter_dir = config.segmenter_dir or str(output / "segmenters")
+        pretrain_segmenters(config, progress)
     tasks = plan(config)
     todo = [t for t in tasks if not run_path(output, **t).is_file()]
     args = [(t, asdict(config), str(output)) for t in todo]
