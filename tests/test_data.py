@@ -14,6 +14,9 @@ from tiny_data import folder_datamodule, make_folder_dataset
 
 from anomalib_synth.data import SynthesizerAugmenter, SyntheticAnomalyDataModule, build_cache, swap_augmenter
 from anomalib_synth.data.cache import COMPLETE, cache_key
+from anomalib_synth.io import read_image, resize
+from anomalib_synth.seeding import generator_for
+from anomalib_synth.views import augmented_views
 from anomalib_synth.synthesizers import get, get_class
 from anomalib_synth.writer import MANIFEST, MVTecWriter
 
@@ -64,16 +67,41 @@ def test_bad_arguments_raise(tiny_root, tmp_path) -> None:
 def test_synthetic_val_from_held_out_images_keeps_real_test_anomalies(tiny_root, tmp_path) -> None:
     inner_test = folder_datamodule(tiny_root, val_split_mode="none")
     inner_test.setup()
-    dm = _wrap(tiny_root, tmp_path, inner_kwargs={"val_split_mode": "none"}, synthesizer="nsa", n_shots=1)
+    dm = _wrap(tiny_root, tmp_path, inner_kwargs={"val_split_mode": "none"}, synthesizer="nsa", n_shots=1,
+               extra_normals=3)  # fmt: skip
     dm.setup()
     val = dm.val_data.samples
-    assert (val.label_index == 0).sum() == 5 and (val.label_index == 1).sum() == 5  # 5 held-out + 5 synthetic
+    assert (val.label_index == 0).sum() == 3 and (val.label_index == 1).sum() == 3  # 3 held-out + 3 synthetic
     assert all(Path(p).is_file() for p in val.image_path)  # the visualizer reloads from image_path
     assert all(Path(p).is_file() for p in val[val.label_index == 1].mask_path)
     assert not set(val.image_path) & set(dm.train_data.samples.image_path), "val never holds the shot"
     item = dm.val_data[int((val.label_index == 1).to_numpy().nonzero()[0][0])]
     assert bool(item.gt_label) and item.gt_mask.any()
     assert _paths(dm.test_data) == _paths(inner_test.test_data), "real test anomalies are all kept"
+
+
+def test_one_shot_validation_is_strict_views_of_the_shot(tiny_root, tmp_path) -> None:
+    """n_shots=1 uses no other training image: the normal validation images are augmented views of the shot."""
+    dm = _wrap(tiny_root, tmp_path, inner_kwargs={"val_split_mode": "none"}, synthesizer="nsa", n_shots=1,
+               val_views=4)  # fmt: skip
+    dm.setup()
+    val = dm.val_data.samples
+    normal = val[val.label_index == 0]
+    assert len(normal) == 4 and (val.label_index == 1).sum() == 4
+    training_files = set(_sources(tiny_root))
+    assert not {str(Path(p).resolve()) for p in val.image_path} & {str(Path(p).resolve()) for p in training_files}
+    views = torch.stack([read_image(p) for p in normal.image_path])
+    size = tuple(views.shape[-2:])
+    shot_path = Path(dm.train_data.samples.image_path.iloc[0]).resolve()
+    shot = resize(read_image(shot_path), size)
+    # the views of the shot drawn from the seed's validation stream (stored as 8-bit PNG), and not the shot itself
+    expected, _ = augmented_views(shot[None], 4, generator_for(0, "val", 1))
+    torch.testing.assert_close(views, expected, atol=0.5 / 255 + 1e-6, rtol=0)
+    assert ((views - shot).abs().mean((1, 2, 3)) > 0.01).all()
+    again = _wrap(tiny_root, tmp_path, inner_kwargs={"val_split_mode": "none"}, synthesizer="nsa", n_shots=1,
+                  val_views=4)  # fmt: skip
+    again.setup()
+    assert list(again.val_data.samples.image_path) == list(val.image_path), "reused from the cache"
 
 
 def test_synthetic_test_adds_anomalies_without_dropping_real_ones(tiny_root, tmp_path) -> None:

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from ..io import read_image, resize
+from ..io import read_image, resize, write_png
 from ..synthesis import synthesize_to_folder
 from ..synthesizers import Synthesizer
 from ..writer import MVTecWriter
@@ -105,6 +105,28 @@ def build_cache(
         (root / COMPLETE).write_text(f"{len(records)}\n")
     _barrier()
     return root, [r for _, r in sorted(writer.completed().items())]
+
+
+def build_views(
+    sources: Sequence[str], cache_dir: str | Path, count: int, seed: int, size: Sequence[int]
+) -> list[Path]:
+    """Write (or reuse) ``count`` augmented views of the ``sources`` images (:mod:`anomalib_synth.views`) as PNG
+    files under ``cache_dir/views-<hash>/``: the normal images of a strict k-shot validation split."""
+    from ..seeding import generator_for
+    from ..views import augmented_views
+
+    payload = {"sources": [str(Path(s).resolve()) for s in sources], "count": count, "seed": seed, "size": list(size)}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir) / f"views-{key}"
+    paths = [root / f"{i:03d}.png" for i in range(count)]
+    if (root / COMPLETE).is_file() and all(p.is_file() for p in paths):
+        return paths
+    images = torch.stack([resize(read_image(s), size) for s in sources])
+    views, _ = augmented_views(images, count, generator_for(seed, "val", 1))
+    for path, view in zip(paths, views, strict=True):
+        write_png(path, view)  # atomic
+    (root / COMPLETE).write_text(f"{count}\n")
+    return paths
 
 
 def records_to_samples(root: Path, records: Sequence[dict[str, Any]], split: str) -> pd.DataFrame:

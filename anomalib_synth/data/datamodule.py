@@ -18,7 +18,7 @@ from ..io import ON_ERROR
 from ..seeding import derive_seed, generator_for
 from ..synthesizers import Synthesizer, get
 from ..transforms import synthesize_batch
-from .cache import build_cache, records_to_samples
+from .cache import build_cache, build_views, records_to_samples
 from .checks import drop_unreadable
 
 logger = logging.getLogger(__name__)
@@ -83,9 +83,10 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
 
     Synthetic validation/test: when the wrapped datamodule has no anomalous validation images (the usual one-class
     case), or ``synthetic_val=True``, a validation split is made of held-out normal images plus synthetic anomalies
-    of them, written to disk so that anomalib's visualizer can reload them. Held-out images are the normal training
-    images not chosen as shots (``n_shots``), else ``val_ratio`` of them; with nothing to hold out the shots
-    themselves are used (logged). ``synthetic_test=True`` adds synthetic anomalies of the normal test images to the
+    of them, written to disk so that anomalib's visualizer can reload them. With ``n_shots`` the run is strict
+    k-shot: the normal validation images are ``val_views`` augmented views of the shots (:mod:`anomalib_synth.views`,
+    written to the cache), and other training images are used only when asked for (``extra_normals``); without
+    ``n_shots``, ``val_ratio`` of the normal training images are held out. ``synthetic_test=True`` adds synthetic anomalies of the normal test images to the
     test set; unlike anomalib's ``test_split_mode="synthetic"`` real anomalous test images are never dropped.
 
     Args:
@@ -115,6 +116,10 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         test_split_mode (TestSplitMode | str | None): ``"synthetic"`` adds synthetic anomalies of the normal test
             images (real anomalies are kept); ``"from_dir"`` / ``"none"`` keep the wrapped test set. Defaults to
             ``None`` (as ``synthetic_test``).
+        extra_normals (int): with ``n_shots``, normal training images beyond the shots held out for validation; ``0``
+            is strict k-shot. Defaults to ``0``.
+        val_views (int): augmented views of the shots that make the normal validation images when none is held
+            out. Defaults to ``8``.
         on_bad_file (str): ``"skip"`` image or mask files that cannot be read (with a warning naming each), or
             ``"raise"``. Files anomalib's reader would misread (16-bit grayscale) always raise. Defaults to
             ``"skip"``.
@@ -139,6 +144,8 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         val_split_mode: ValSplitMode | str | None = None,
         val_split_ratio: float | None = None,
         test_split_mode: TestSplitMode | str | None = None,
+        extra_normals: int = 0,
+        val_views: int = 8,
     ) -> None:
         super().__init__(
             train_batch_size=datamodule.train_batch_size,
@@ -161,6 +168,9 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         synthetic_val, synthetic_test, val_ratio = _anomalib_split_names(
             val_split_mode, val_split_ratio, test_split_mode, synthetic_val, synthetic_test, val_ratio
         )
+        if extra_normals < 0 or val_views < 1:
+            msg = f"extra_normals must be >= 0 and val_views >= 1, got {extra_normals} and {val_views}"
+            raise ValueError(msg)
         if variants_per_image < 1:
             msg = f"variants_per_image must be >= 1, got {variants_per_image}"
             raise ValueError(msg)
@@ -177,6 +187,8 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         self.image_size = tuple(image_size) if image_size else None
         self.synthesis_batch_size = int(synthesis_batch_size)
         self.on_bad_file = on_bad_file
+        self.extra_normals = int(extra_normals)
+        self.val_views = int(val_views)
         self.skipped_files: list[str] = []
         self._epoch = -1
         self._batch = 0
@@ -222,7 +234,8 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
             if self.n_shots > len(order):
                 msg = f"n_shots={self.n_shots} but the training set has only {len(order)} normal images"
                 raise ValueError(msg)
-            shots, held_out = order[: self.n_shots], order[self.n_shots :]
+            # strict k-shot: no other normal image, unless asked for (extra_normals)
+            shots, held_out = order[: self.n_shots], order[self.n_shots : self.n_shots + self.extra_normals]
         else:
             shots, held_out = order, []
         inner_val = getattr(inner, "val_data", None)
@@ -233,9 +246,6 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
             if self.n_shots is None and len(shots) > 1:
                 n_val = max(1, round(self.val_ratio * len(shots)))
                 shots, held_out = shots[n_val:], shots[:n_val]
-            else:
-                logger.warning("no normal images left to hold out: the synthetic validation set uses the shots")
-                held_out = shots
         self.train_data = train.subsample(sorted(shots))
         self.test_data = inner.test_data
         if inner_val is not None:
@@ -243,7 +253,8 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
         size = self._synthesis_size()
         if want_val:
             eval_augmentations = self._inner_split("val").augmentations
-            self.val_data = self._with_synthetic(train.subsample(sorted(held_out)), "val", size, eval_augmentations)
+            normal = train.subsample(sorted(held_out)) if held_out else self._views_of(self.train_data, size)
+            self.val_data = self._with_synthetic(normal, "val", size, eval_augmentations)
             if inner_val is not None and inner_val.has_anomalous:
                 # e.g. Folder's default val split takes real anomalies from the test set: give them back
                 self.test_data = self._return_anomalies(self.test_data, inner_val)
@@ -253,6 +264,16 @@ class SyntheticAnomalyDataModule(AnomalibDataModule):
             self.test_data = self._concat(self.test_data, synthetic)
         if self.mode == "cache":
             self.train_data = self._with_synthetic(self.train_data, "train", size, train.augmentations)
+
+    def _views_of(self, shots: AnomalibDataset, size: tuple[int, int]) -> AnomalibDataset:
+        """``val_views`` augmented views of the shots, written to the cache: the normal validation images when no
+        other normal image may be used."""
+        paths = build_views(list(shots.samples.image_path), self.cache_dir, self.val_views, self.seed or 0, size)
+        dataset = copy.deepcopy(shots)
+        dataset.samples = pd.DataFrame({"image_path": [str(p) for p in paths], "label": "normal", "label_index": 0,
+                                        "mask_path": "", "split": "train"})  # fmt: skip
+        dataset.samples.attrs.update(shots.samples.attrs)
+        return dataset
 
     def _synthesis_size(self) -> tuple[int, int]:
         if self.image_size:
