@@ -1,6 +1,9 @@
 """Turn an evaluation folder into docs/results.md plus small plots under docs/images/ (regenerated, not hand-made).
 
     python benchmarks/make_results_doc.py RESULTS_DIR DOCS_DIR --command "anomalib-synth evaluate ..."
+
+It also writes DOCS_DIR/results.json (metrics only, no images): `--from-json DOCS_DIR/results.json` regenerates the
+page from it alone (without the plots, which need the run folder).
 """
 
 from __future__ import annotations
@@ -28,21 +31,31 @@ def shrink(source: Path, target: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, help="the evaluation's output folder (ignored with --from-json)")
     parser.add_argument("docs", type=Path)
     parser.add_argument("--command", required=True)
     parser.add_argument("--notes", type=Path, default=None, help="hand-written analysis placed before the tables")
     parser.add_argument("--appendix", type=Path, default=None, help="markdown placed after the tables (e.g. a "
                         "secondary table measured by another command, with that command)")
+    parser.add_argument("--from-json", type=Path, default=None, help="regenerate from a metrics-only results.json")
+    parser.add_argument("--wall", default=None, help="the full command's wall time, as text, for the header")
     args = parser.parse_args()
+    from anomalib_synth.evaluation import EvalConfig
+    from anomalib_synth.evaluation.report import metrics_only, render_markdown
+
     images = args.docs / "images"
     images.mkdir(parents=True, exist_ok=True)
-    results = json.loads((args.results / "results.json").read_text())
-    body = (args.results / "results.md").read_text()
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        body = render_markdown(EvalConfig(**results["config"]), results["runs"], results["machine"])
+    else:
+        results = json.loads((args.results / "results.json").read_text())
+        body = (args.results / "results.md").read_text()
+        (args.docs / "results.json").write_text(json.dumps(metrics_only(results), indent=1) + "\n")
     seconds = sum(r["seconds"] for r in results["runs"])
     cpu = sum(r.get("cpu_seconds", 0.0) for r in results["runs"])
-    plots = []
-    for png in sorted(args.results.glob("bars_*.png")) + sorted(args.results.glob("strip_*.png")):
+    plots = sorted(p.relative_to(args.docs) for p in images.glob("results_*.png")) if args.from_json else []
+    for png in [] if args.from_json else sorted(args.results.glob("bars_*.png")) + sorted(args.results.glob("strip_*.png")):
         target = images / f"results_{png.name.replace('/', '_')}"
         shrink(png, target)
         plots.append(target.relative_to(args.docs))
@@ -59,7 +72,8 @@ def main() -> None:
         "```",
         "",
         f"Sum of the runs' own times: {seconds / 60:.1f} minutes of wall time (runs go two at a time), "
-        f"{cpu / 60:.1f} CPU-minutes (each run uses one thread).",
+        f"{cpu / 60:.1f} CPU-minutes (each run uses one thread)."
+        + (f" Wall time of the full command: {args.wall}." if args.wall else ""),
         "",
     ]
     if args.notes:

@@ -197,6 +197,33 @@ def write_report(config: Any, records: list[dict[str, Any]], output: Path, machi
     results = {"config": asdict(config), "machine": machine, "aggregate": tables, "ranking": ranking(records),
                "runs": records}
     write_text(output / "results.json", json.dumps(results, indent=1))
+    write_text(output / "results.md", render_markdown(config, records, machine))
+    plot_bars(tables, output)
+    plot_strips(records, output, Path(config.data_root))
+    return results
+
+
+METRICS_ONLY = ("protocol", "category", "method", "seed", "metrics", "shots", "shots_from_test", "n_test",
+                "n_anomalous", "image_size", "seconds", "cpu_seconds", "first_loss", "final_loss")  # fmt: skip
+"""What a committed ``results.json`` keeps of a run (with ``info``'s choices and candidates): no maps or paths of
+previews."""
+
+
+def metrics_only(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` with each run cut to :data:`METRICS_ONLY` plus the choices it made (enough for
+    :func:`render_markdown`)."""
+    runs = []
+    for r in results["runs"]:
+        run = {k: r[k] for k in METRICS_ONLY if k in r}
+        info = r.get("info") or {}
+        run["info"] = {k: info[k] for k in ("chosen", "candidates", "design", "threshold", "extra_normals") if k in info}
+        runs.append(run)
+    return {**{k: v for k, v in results.items() if k != "runs"}, "runs": runs}
+
+
+def render_markdown(config: Any, records: list[dict[str, Any]], machine: str) -> str:
+    """The report's markdown (tables, verdicts, ranking quality, target) from the run records."""
+    tables = aggregate(records)
     shots_from_test = sorted({r["category"] for r in records if r["shots_from_test"]})
     sizes = sorted({r.get("image_size", config.image_size) for r in records})
     backbone = "none"
@@ -261,10 +288,7 @@ def write_report(config: Any, records: list[dict[str, Any]], output: Path, machi
     checks = target(tables)
     if checks:
         lines += ["", "## Target: a learned row above `control-patchcore` (pixel AP)", "", *checks]
-    write_text(output / "results.md", "\n".join(lines) + "\n")
-    plot_bars(tables, output)
-    plot_strips(records, output, Path(config.data_root))
-    return results
+    return "\n".join(lines) + "\n"
 
 
 def plot_bars(tables: dict[str, Any], output: Path) -> None:
