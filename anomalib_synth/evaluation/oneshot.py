@@ -200,7 +200,7 @@ class FusionProtocol(Protocol):
     needs_backbone = True
     needs_segmenter = True
     layer_candidates = (("blocks.1", "blocks.2"), ("blocks.2", "blocks.4"), ("blocks.1",), ("blocks.2",),
-                        ("blocks.1", "blocks.2", "blocks.3"))  # fmt: skip
+                        ("blocks.1", "blocks.2", "blocks.4"))  # fmt: skip
     description = ("PatchCore + segmenter, weight chosen on synthetic validation; patchcore-val-layers: PatchCore's "
                    "layers chosen on synthetic validation")  # fmt: skip
 
