@@ -27,6 +27,15 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: the small matrices here are slower with two on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def shot() -> torch.Tensor:
     return resize(builtin_photo("coffee"), (SIZE, SIZE))[None]

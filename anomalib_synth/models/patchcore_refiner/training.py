@@ -10,7 +10,6 @@ swamped by the many normal pixels. The backbone and the memory bank stay frozen:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -90,7 +89,7 @@ def train_refiner(
 
     def keep(step: int) -> None:
         if step in wanted:
-            snapshots[step] = copy.deepcopy({k: v.detach().clone() for k, v in model.head.state_dict().items()})
+            snapshots[step] = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
 
     model.eval()  # no dropout or batch norm; the backbone stays in inference mode
     model.head.train()
