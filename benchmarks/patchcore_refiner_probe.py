@@ -3,8 +3,8 @@
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/patchcore_refiner_probe.py [--categories bottle capsule]
 
 Data: ``$ANOMALIB_SYNTH_DATA`` or ``../shared/data`` (relative to the repository root): ``mvtec_ad/<category>``.
-One shot (seed 0 of the harness's draw; capsule has no train/good, so its shot is test/good/000.png, which leaves the
-test set), 256 px, one thread. Nothing here chooses anything: the refiner runs with its defaults.
+One shot (seed 0 of the harness's draw; capsule has no train/good, so its shot is the first test/good image, 001.png,
+which leaves the test set), 256 px, one thread. Nothing here chooses anything: the refiner runs with its defaults.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
     for category in args.categories:
         data = load_category(data_root() / "mvtec_ad", category)
         if data.shots_from_test:
-            shot_paths = [p for p in data.normal if p.name == "000.png"][:1]
+            shot_paths = sorted(data.normal)[:1]  # the first test/good image (capsule here has no 000.png: 001.png)
             test = [s for s in data.test if s.image not in shot_paths]
         else:
             shot_paths, test = data.split(1, args.seed)

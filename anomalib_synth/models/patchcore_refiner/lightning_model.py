@@ -1,9 +1,9 @@
 """anomalib model of the PatchCore refiner: one epoch over the normal images, then PatchCore plus a head trained on
 synthetic anomalies made from them.
 
-The refiner follows PatchCore (Roth et al., CVPR 2022, Sec. 3), PCSNet (Jiang et al., TNNLS 2024, Sec. III-C/D,
-``yuxin-jiang/PCSNet``) and PNI (Bae et al., ICCV 2023, Sec. 3.4); :mod:`.torch_model` says what it takes from each
-and where it departs.
+The refiner follows PatchCore (Roth et al., CVPR 2022, Sec. 3), PCSNet (Jiang et al., TNNLS 2024,
+``yuxin-jiang/PCSNet``) and PNI (Bae et al., ICCV 2023, its anomaly-map refinement network); :mod:`.torch_model`
+says what it takes from each and where it departs.
 
 Like anomalib's ``Patchcore``, it runs one epoch that only collects the training (normal) images; at the epoch's end
 :meth:`PatchcoreRefiner.fit` builds the memory bank from them (every patch, no coreset), measures the normalisation

@@ -1,17 +1,20 @@
 """PyTorch core of the PatchCore refiner: PatchCore's normalised map plus a learned, zero-initialised correction.
 
 PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022) scores a patch by the
-distance of its locally aware feature to the nearest patch feature of a memory bank of normal images (Sec. 3.1-3.2,
-Eq. 6-7); its pixel map is the nearest-neighbour distance upsampled and smoothed by a Gaussian (Sec. 3.3, sigma 4).
-This model keeps that map as it is and learns only an additive correction from synthetic anomalies, as:
+distance of its locally aware feature (Sec. 3.1) to the nearest patch feature of a memory bank of normal images
+(Sec. 3.2-3.3); its pixel map is the nearest-neighbour distance upsampled and smoothed by a Gaussian of
+sigma 4 (Sec. 3.3 and the implementation details). This model keeps that map as it is and learns only an additive
+correction from synthetic anomalies, as:
 
 - **PCSNet** (Jiang et al., "Prototypical Learning Guided Context-Aware Segmentation Network for Few-Shot Anomaly
-  Detection", IEEE TNNLS 2024; repository ``yuxin-jiang/PCSNet``): Sec. III-C, a segmentation head that takes the
-  features and the prototype (nearest-normal) score, trained per category on NSA-style pseudo anomalies mixed with
-  normal images (focal-style pixel loss);
-- **PNI** (Bae et al., "PNI: Industrial Anomaly Detection using Position and Neighborhood Information", ICCV 2023):
-  Sec. 3.4, a refinement network trained on synthetic defects that takes the memory-bank anomaly map (with the
-  image) and outputs a refined map.
+  Detection", IEEE TNNLS 2024; repository ``yuxin-jiang/PCSNet``, ``main.py``): its context-aware segmentation
+  network takes the adapted features and the prototype (nearest-normal) score, and is trained per category on
+  NSA-style pseudo anomalies mixed with normal images (the method section's segmentation network and loss; section
+  numbers not checked here);
+- **PNI** (Bae et al., "PNI: Industrial Anomaly Detection using Position and Neighborhood Information", ICCV 2023,
+  arXiv 2211.12634): its anomaly-map refinement step, a pixel-wise refinement network trained separately on
+  synthetic defect images, which improves PatchCore-style maps beyond plain resizing (Fig. 2; reported to help
+  mainly on textures).
 
 Head inputs, all at the feature grid (stride of the first layer):
 
@@ -40,7 +43,7 @@ Where this departs, and why:
   and light, :mod:`anomalib_synth.views`), never the shots themselves: a shot matches itself at distance 0.
 - No feature adaptor (PCSNet's prototype adaptor) and no position/neighbourhood memory (PNI): the backbone stays
   frozen and only the head trains, which keeps training within a CPU-minute per category.
-- ``pred_score`` is the maximum of the refined map (PatchCore's re-weighted image score of Eq. 7 does not apply to
+- ``pred_score`` is the maximum of the refined map (PatchCore's re-weighted image score does not apply to
   a learned map).
 
 Inputs are images in ``[0, 1]``; ImageNet normalisation happens inside the model.

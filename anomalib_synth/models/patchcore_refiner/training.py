@@ -3,8 +3,8 @@
 Each step draws ``batch_size`` augmented views of the shots (:func:`~anomalib_synth.views.augmented_views`; never
 the shots themselves, which would match their own memory at distance 0), makes a fraction ``anomaly_ratio`` of them
 anomalous with the synthesizer (:func:`~anomalib_synth.transforms.synthesize_batch`), and takes one Adam step on the
-focal + dice loss of the refined map against the synthetic masks, as PCSNet (Sec. III-D: focal loss on pseudo
-anomalies) and DRAEM (focal loss on its discriminative map) do; the dice term keeps small defects from being
+focal + dice loss of the refined map against the synthetic masks, as PCSNet (a pixel loss on its pseudo
+anomalies) and DRAEM (Zavrtanik et al., ICCV 2021: focal loss on its discriminative map) do; the dice term keeps small defects from being
 swamped by the many normal pixels. The backbone and the memory bank stay frozen: only the head trains.
 """
 
