@@ -17,10 +17,11 @@ from anomalib_synth.evaluation.selection import choose, kendall_tau, ranking_qua
 from anomalib_synth.toydata import make_toy_mvtec
 from anomalib_synth.training.leakage import LeakageError
 
-HEADLINE = ("patchcore", "supersimplenet", "glass")
-"""Protocols whose runs read no file of the test set (the learned ones are added where their models exist)."""
+HEADLINE = ("patchcore", "supersimplenet", "glass", "refiner")
+"""Protocols whose runs read no file of the test set."""
 
-BUDGETS = {"supersimplenet": {"steps": 2, "batch_size": 2}, "glass": {"steps": 2, "batch_size": 2}}
+BUDGETS = {"supersimplenet": {"steps": 2, "batch_size": 2}, "glass": {"steps": 2, "batch_size": 2},
+           "refiner": {"steps": 3, "batch_size": 2}}  # fmt: skip
 
 
 def _config(root: Path, protocols: tuple[str, ...], **changes) -> EvalConfig:
@@ -125,7 +126,8 @@ def _run_with_test_set(monkeypatch, root: Path, out: Path, protocol: str, method
         monkeypatch.setattr(runner_module, "load_test_set", real)
 
 
-CHOICE_ROWS = [("patchcore", "cutpaste"), ("patchcore", "threshold-views"), ("patchcore", "threshold-default")]
+CHOICE_ROWS = [("patchcore", "cutpaste"), ("patchcore", "threshold-views"), ("patchcore", "threshold-default"),
+               ("refiner", "cutpaste")]  # fmt: skip
 """Rows that choose something (a threshold, a step, a weight) and what they record of it."""
 
 

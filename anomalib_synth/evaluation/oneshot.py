@@ -73,7 +73,7 @@ class RefinerProtocol(Protocol):
     validation (step 0 is plain PatchCore)."""
 
     name = "refiner"
-    budget = Budget(steps=120, batch_size=4, lr=1e-3, anomaly_ratio=0.5, image_size=256)
+    budget = Budget(steps=80, batch_size=4, lr=2e-3, anomaly_ratio=0.75, image_size=256)
     needs_backbone = True
     description = ("PatchCore + a head trained on each synthesizer's anomalies of views of the shot (step chosen on "
                    "synthetic validation; step 0 = PatchCore)")  # fmt: skip
@@ -97,12 +97,14 @@ class RefinerProtocol(Protocol):
         states = {"step0": untrained, **{f"step{s}": snapshots[s] for s in checkpoints},
                   f"step{steps}": {k: v.clone() for k, v in model.head.state_dict().items()}}  # fmt: skip
         splits = _validation_sets(ctx)
+        model.eval()
+        images = {**{design: images for design, (images, _) in splits.items()}, "test": ctx.test_images}
+        inputs = {name: _batched(model._inputs, batch) for name, batch in images.items()}  # shared by every step
         candidates = {}
-        for name, state in states.items():
-            model.head.load_state_dict(state)
-            maps = {design: model.maps(images)[0] for design, (images, _) in splits.items()}
-            maps["test"] = model.maps(ctx.test_images)[0]
-            candidates[name] = maps
+        with torch.no_grad():
+            for name, state in states.items():
+                model.head.load_state_dict(state)
+                candidates[name] = {split: model.maps_from(x)[0] for split, x in inputs.items()}
         record = _record(candidates, splits, ctx)
         chosen = _chosen(record)
         return Outcome(candidates[chosen]["test"], losses,
@@ -112,6 +114,12 @@ class RefinerProtocol(Protocol):
         return (f"{budget.steps} steps of {budget.batch_size} augmented views of the shot (anomaly ratio "
                 f"{budget.anomaly_ratio}, lr {budget.lr}); the step kept (0, 1/3, 2/3, all) is chosen on synthetic "
                 f"validation ({DEFAULT_DESIGN})")  # fmt: skip
+
+
+def _batched(function, images: Tensor, batch_size: int = 16) -> dict[str, Tensor]:
+    """``function`` (images -> dict of tensors) over batches of ``images``, concatenated."""
+    parts = [function(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
 # --- segmenter -----------------------------------------------------------------------------------------------------

@@ -275,11 +275,15 @@ class PatchcoreRefinerModel(nn.Module):
         """``(refined [N, H, W], PatchCore's normalised map [N, H, W])`` of images ``[N, 3, H, W]`` in ``[0, 1]``.
 
         Gradients flow into the head only (the backbone and the search run without gradient)."""
-        inputs = self._inputs(images)
+        return self.maps_from(self._inputs(images))
+
+    def maps_from(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """:meth:`maps` from precomputed head inputs (``_inputs(images)``): the backbone and the nearest-neighbour
+        search do not depend on the head, so several heads (training snapshots) can share them."""
         z = (inputs["map"] - self.map_mean) / self.map_std
         query = inputs["embedding"] if self.use_query_features else None
         correction = self.head(inputs["distances"], inputs["residual"], query)
-        return z + self.smooth(correction, images.shape[-2:])[:, 0], z
+        return z + self.smooth(correction, inputs["map"].shape[-2:])[:, 0], z
 
     def smooth(self, patch_map: Tensor, size: Sequence[int]) -> Tensor:
         """PatchCore's :class:`AnomalyMapGenerator` (nearest upsampling to ``size``, reflect padding, Gaussian of
