@@ -47,7 +47,8 @@ def test_there_are_configs_for_each_route() -> None:
     assert {"draem_cutpaste_mvtec", "draem_nsa_mvtec", "supersimplenet_online_perlin",
             "patchcore_1shot_synthetic_val", "supersimplenet_cache_nsa", "supersimplenet_1shot_offline"} <= names  # fmt: skip
     assert {p.stem for p in DATA} == set(SYNTHESIZERS) | set(PLAIN)
-    assert {p.stem for p in MODELS} == {"supersimplenet", "supersimplenet_offline", "patchcore", "draem"}
+    assert {p.stem for p in MODELS} == {"supersimplenet", "supersimplenet_offline", "patchcore", "draem",
+                                        "one_prompt_segmenter"}  # fmt: skip
     assert {p.stem for p in CALLBACKS} == {"swap_cutpaste", "swap_nsa"}
 
 
