@@ -118,10 +118,10 @@ def test_leave_out_by_name_excludes_the_category_from_every_root(tmp_path) -> No
 
 
 def test_only_good_images_and_the_builtin_photos_are_sources(tmp_path) -> None:
-    sources = pair_sources([_tiny_root(tmp_path)], ["capsule"])
+    sources = pair_sources([_tiny_root(tmp_path)], ["bottle"])
     files = [Path(s) for s in sources if not str(s).startswith("builtin:")]
     assert all("crack" not in f.parts and "ground_truth" not in f.parts for f in files)
-    assert [f.parent.name for f in files] == ["good", "banded"]
+    assert [f.parent.name for f in files] == ["good", "good", "banded"]
     assert [s for s in sources if str(s).startswith("builtin:")] == [f"builtin:{n}" for n in BUILTIN_PHOTOS]
     assert "builtin:brick" not in pair_sources([tmp_path], ["brick"]), "builtin photos are left out by name too"
 
