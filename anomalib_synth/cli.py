@@ -321,12 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="categories to leave out by name in every root (the ones you will evaluate on)")  # fmt: skip
     p.add_argument("--output", required=True, help="model folder (config.json, model.safetensors, checkpoints/); "
                    "rerun the same command to resume")  # fmt: skip
-    p.add_argument("--steps", type=_positive, default=None, help="batches (default 600: about 10 CPU-minutes at 256 px)")
+    p.add_argument("--steps", type=_positive, default=None,
+                   help="batches (default 600: about 10 CPU-minutes at 256 px on one core)")  # fmt: skip
     p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--image-size", type=_positive, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--texture-dir", default=None, help="anomaly-source textures (e.g. DTD images/) for perlin")
-    p.add_argument("--synthesizers", default=None, help="'+'-separated, drawn per sample (default perlin+cutpaste+nsa+scar)")
+    p.add_argument("--synthesizers", default=None,
+                   help="'+'-separated, drawn per sample (default perlin+cutpaste+nsa+scar)")  # fmt: skip
     p.add_argument("--anomaly-ratio", type=float, default=0.75, help="fraction of queries made anomalous")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--checkpoint-every", type=_positive, default=100)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -259,13 +260,14 @@ def test_anomalib_synth_train_with_the_segmenter(tmp_path, tiny_folder) -> None:
     resize_only = {"class_path": "anomalib.pre_processing.PreProcessor",
                    "init_args": {"transform": {"class_path": "torchvision.transforms.v2.Resize",
                                                "init_args": {"size": [SIZE, SIZE]}}}}  # fmt: skip
-    command = [sys.executable, "-m", "anomalib_synth.cli", "train", "--model", "anomalib_synth.models.OnePromptSegmenter",
+    command = [sys.executable, "-m", "anomalib_synth.cli", "train",
+               "--model", "anomalib_synth.models.OnePromptSegmenter",
                "--model.pretrained", str(tiny_folder), "--model.pre_processor", json.dumps(resize_only),
                "--data", "anomalib.data.Folder", "--data.name", "tiny", "--data.root", str(root),
                "--data.normal_dir", "good", "--data.abnormal_dir", "defect", "--data.normal_test_dir", "test_good",
                "--data.mask_dir", "mask", "--data.num_workers", "0", "--trainer.accelerator", "cpu",
                "--trainer.logger", "false", "--default_root_dir", str(tmp_path / "results")]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pixel_AUROC" in result.stdout + result.stderr

@@ -321,7 +321,8 @@ class OnePromptSegmenterModel(nn.Module):
         except (OSError, ValueError) as err:
             msg = f"{str(folder)!r}: unreadable {CONFIG_NAME} ({err})"
             raise ValueError(msg) from err
-        if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("init_args"), dict):
+        valid = isinstance(config, dict) and config.get("format") == FORMAT
+        if not valid or not isinstance(config.get("init_args"), dict):
             msg = f"{str(folder)!r}: {CONFIG_NAME} is not a one-prompt segmenter config (format {FORMAT!r})"
             raise ValueError(msg)
         return config
