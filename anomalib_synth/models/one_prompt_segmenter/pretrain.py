@@ -43,7 +43,9 @@ from .torch_model import OnePromptSegmenterModel
 __all__ = ["DEFAULT_STEPS", "PretrainResult", "pretrain_segmenter", "segmentation_loss"]
 
 DEFAULT_STEPS = 600
-"""Default number of batches (see the module docstring of :mod:`.pretrain` and the CLI help for the measured cost)."""
+"""Default number of batches. Measured: 600 batches of 8 at 256 px from 121 source images (``../shared/data``
+without bottle, plus the 8 photos) took 9.5 CPU-minutes with one thread (570 s of process time; 362 s user + 212 s
+system for the whole command), 28 minutes of wall time on a 2-core machine shared with other jobs (33 % of a core)."""
 CHECKPOINT = Path("checkpoints") / "last.pt"
 
 
