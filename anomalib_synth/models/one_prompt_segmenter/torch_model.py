@@ -155,7 +155,7 @@ class OnePromptSegmenterModel(nn.Module):
         super().__init__()
         from anomalib.models.components import TimmFeatureExtractor
 
-        from ...backbones import BUILTIN, register_weights
+        from ...backbones import BUILTIN, BackboneWeightsError, register_weights
 
         layers = list(layers)
         if len(layers) != 2:
@@ -167,8 +167,14 @@ class OnePromptSegmenterModel(nn.Module):
         if not (temperature > 0 and proj_dim > 0 and hidden > 1):
             msg = f"temperature, proj_dim and hidden must be positive, got {temperature}, {proj_dim}, {hidden}"
             raise ValueError(msg)
-        if pre_trained and backbone in BUILTIN:
-            register_weights(backbone)
+        timm_name = backbone
+        if backbone in BUILTIN:  # timm resolves the tag even without weights: register it, or drop it
+            try:
+                register_weights(backbone)
+            except BackboneWeightsError:
+                if pre_trained:
+                    raise
+                timm_name = backbone.partition(".")[0]
         self.config: dict[str, Any] = {
             "backbone": backbone, "layers": layers, "pre_trained": bool(pre_trained), "proj_dim": int(proj_dim),
             "hidden": int(hidden), "temperature": float(temperature), "score": score,
@@ -177,7 +183,7 @@ class OnePromptSegmenterModel(nn.Module):
         self.temperature = float(temperature)
         self.score = score
         self.training_data: list[str] = []
-        self.feature_extractor = TimmFeatureExtractor(backbone, layers=layers, pre_trained=pre_trained,
+        self.feature_extractor = TimmFeatureExtractor(timm_name, layers=layers, pre_trained=pre_trained,
                                                       requires_grad=False).eval()  # fmt: skip
         self.feature_extractor.requires_grad_(False)  # anomalib's flag only turns gradients off in its forward
         _drop_unused_blocks(self.feature_extractor.feature_extractor, layers)
