@@ -48,7 +48,7 @@ def test_there_are_configs_for_each_route() -> None:
             "patchcore_1shot_synthetic_val", "supersimplenet_cache_nsa", "supersimplenet_1shot_offline"} <= names  # fmt: skip
     assert {p.stem for p in DATA} == set(SYNTHESIZERS) | set(PLAIN)
     assert {p.stem for p in MODELS} == {"supersimplenet", "supersimplenet_offline", "patchcore", "draem",
-                                       "patchcore_refiner"}
+                                        "patchcore_refiner", "one_prompt_segmenter"}  # fmt: skip
     assert {p.stem for p in CALLBACKS} == {"swap_cutpaste", "swap_nsa"}
 
 
