@@ -17,11 +17,11 @@ from anomalib_synth.evaluation.selection import choose, kendall_tau, ranking_qua
 from anomalib_synth.toydata import make_toy_mvtec
 from anomalib_synth.training.leakage import LeakageError
 
-HEADLINE = ("patchcore", "supersimplenet", "glass", "refiner")
+HEADLINE = ("patchcore", "supersimplenet", "glass", "refiner", "segmenter", "fusion")
 """Protocols whose runs read no file of the test set."""
 
 BUDGETS = {"supersimplenet": {"steps": 2, "batch_size": 2}, "glass": {"steps": 2, "batch_size": 2},
-           "refiner": {"steps": 3, "batch_size": 2}}  # fmt: skip
+           "refiner": {"steps": 3, "batch_size": 2}, "segmenter": {"steps": 2, "batch_size": 2}}  # fmt: skip
 
 
 def _config(root: Path, protocols: tuple[str, ...], **changes) -> EvalConfig:
@@ -119,15 +119,18 @@ def _run_with_test_set(monkeypatch, root: Path, out: Path, protocol: str, method
         return transform(images, masks, labels)
 
     monkeypatch.setattr(runner_module, "load_test_set", altered)
+    config = _config(root, (protocol,), segmenter_dir=str(root.parent / "segmenters"))
+    if get_protocol(protocol).needs_segmenter:
+        runner_module.pretrain_segmenters(config, progress=False)
     try:
         return runner_module.execute({"protocol": protocol, "category": "gravel", "method": method, "seed": 0},
-                                     _config(root, (protocol,)), out)  # fmt: skip
+                                     config, out)  # fmt: skip
     finally:
         monkeypatch.setattr(runner_module, "load_test_set", real)
 
 
 CHOICE_ROWS = [("patchcore", "cutpaste"), ("patchcore", "threshold-views"), ("patchcore", "threshold-default"),
-               ("refiner", "cutpaste")]  # fmt: skip
+               ("refiner", "cutpaste"), ("fusion", "fusion"), ("fusion", "patchcore-val-layers")]  # fmt: skip
 """Rows that choose something (a threshold, a step, a weight) and what they record of it."""
 
 

@@ -126,7 +126,8 @@ def _batched(function, images: Tensor, batch_size: int = 16) -> dict[str, Tensor
 def segmenter_settings(config: Any, budget: Budget) -> dict[str, Any]:
     """What defines a pretrained segmenter of this evaluation (its folder name hashes it)."""
     return {"steps": budget.steps, "batch_size": budget.batch_size, "lr": budget.lr,
-            "image_size": budget.image_size, "synthesizers": PRETRAIN_SYNTHESIZERS, "texture_dir": config.texture_dir,
+            "image_size": budget.image_size or 256, "synthesizers": PRETRAIN_SYNTHESIZERS,
+            "anomaly_ratio": budget.anomaly_ratio, "texture_dir": config.texture_dir,
             "backbone": config.backbone, "layers": config.layers_for("patchcore"), "seed": 0}  # fmt: skip
 
 
@@ -141,16 +142,20 @@ def pretrain_segmenter(config: Any, budget: Budget, category: str, progress: boo
     """Pretrain (or finish, or reuse) the segmenter that leaves ``category`` out, on every normal image of the
     evaluation's data root and scikit-image's photos (:func:`~anomalib_synth.models.one_prompt_segmenter.pairs.
     pair_sources`)."""
-    from ..models.one_prompt_segmenter.pretrain import pretrain
+    from ..models.one_prompt_segmenter.pretrain import pretrain_segmenter as pretrain
 
     settings = segmenter_settings(config, budget)
     folder = segmenter_folder(config, budget, category)
-    return pretrain(
-        folder, roots=[config.data_root], exclude=[Path(category).name], steps=settings["steps"],
-        batch_size=settings["batch_size"], lr=settings["lr"], image_size=settings["image_size"],
-        synthesizers=settings["synthesizers"], texture_dir=settings["texture_dir"], backbone=settings["backbone"],
-        layers=settings["layers"], seed=settings["seed"], progress=progress,
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder  # written last and atomically: a finished pretraining
+    pretrain(
+        [config.data_root], [Path(category).name], folder, steps=settings["steps"],
+        batch_size=settings["batch_size"], image_size=settings["image_size"], seed=settings["seed"],
+        texture_dir=settings["texture_dir"], synthesizers=settings["synthesizers"],
+        anomaly_ratio=budget.anomaly_ratio, lr=settings["lr"],
+        model_args={"backbone": settings["backbone"], "layers": settings["layers"]}, progress=progress, threads=1,
     )  # fmt: skip
+    return folder
 
 
 def _segmenter(ctx: RunContext):
