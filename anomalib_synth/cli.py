@@ -156,6 +156,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         layers=split(args.layers) or None,
         backbone_weights=_backbone_weights(args.backbone_weights),
         extra_normals=args.extra_normals,
+        protocol_synthesizers={p: split(names) for p, _, names in (spec.partition("=") for spec in args.synthesizers_for)},
         segmenter_dir=args.segmenter_dir,
     )
     start = time.perf_counter()
@@ -311,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="register a local weights file as timm's pretrained NAME (e.g. resnet18.local=r18.pth)",
     )
+    p.add_argument("--synthesizers-for", action="append", default=[], metavar="PROTOCOL=A,B",
+                   help="the synthesizers of one protocol, instead of --synthesizers (e.g. refiner=nsa+cutpaste)")
     p.add_argument("--extra-normals", type=int, default=0, metavar="N",
                    help="normal images beyond the shots for validation splits (default 0: strict k-shot, validation "
                         "from augmented views of the shots)")  # fmt: skip

@@ -66,7 +66,11 @@ def test_headline_protocols_read_no_test_file_and_see_only_the_shot(tmp_path, mo
     root = make_toy_mvtec(tmp_path / "data", size=64)
     opened, recording = _spy_opens(monkeypatch)
     _record_runs(monkeypatch, HEADLINE, recording)
-    evaluate(_config(root, HEADLINE), tmp_path / "out", progress=False)
+    results = evaluate(_config(root, HEADLINE), tmp_path / "out", progress=False)
+    controls = [r for r in results["runs"] if r["method"] in ("control-shot-diff", "control-patchcore")]
+    # the shared controls run once (under patchcore) and are reported under every protocol
+    assert len(controls) == 2 * len(HEADLINE)
+    assert {r.get("computed_in", r["protocol"]) for r in controls} == {"patchcore"}
     category = root / "gravel"
     test_files = {str(p.resolve()) for p in (category / "test").rglob("*.png")}
     train_files = {str(p.resolve()) for p in (category / "train" / "good").glob("*.png")}
@@ -74,6 +78,17 @@ def test_headline_protocols_read_no_test_file_and_see_only_the_shot(tmp_path, mo
     assert not test_files & set(opened), sorted(test_files & set(opened))
     # strict one shot: one training image per seed and nothing else (the synthetic validation uses views of it)
     assert len(train_files & set(opened)) == 1, sorted(train_files & set(opened))
+
+
+def test_a_protocol_can_run_its_own_synthesizers(tmp_path) -> None:
+    root = make_toy_mvtec(tmp_path / "data", size=64)
+    config = _config(root, ("patchcore", "refiner"), synthesizers=["cutpaste", "nsa"],
+                     protocol_synthesizers={"refiner": ["nsa+cutpaste"]})  # fmt: skip
+    config.validate()
+    rows = {(t["protocol"], t["method"]) for t in runner_module.plan(config)}
+    assert ("refiner", "nsa+cutpaste") in rows and ("refiner", "nsa") not in rows and ("patchcore", "nsa") in rows
+    with pytest.raises(ValueError, match="does not run"):
+        _config(root, ("patchcore",), protocol_synthesizers={"refiner": ["nsa"]}).validate()
 
 
 def test_a_run_whose_validation_or_shots_hold_a_test_image_is_refused(tmp_path) -> None:

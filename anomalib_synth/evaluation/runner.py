@@ -54,6 +54,11 @@ class EvalConfig:
     feature_cache: bool = True  # per-image cache of the frozen backbone's features within a run (same results)
     extra_normals: int = 0  # normal images beyond the shots for validation splits (0: strict k-shot, views only)
     segmenter_dir: str | None = None  # pretrained one-prompt segmenters (None: OUTPUT/segmenters)
+    protocol_synthesizers: dict[str, list[str]] = field(default_factory=dict)  # per protocol, instead of synthesizers
+
+    def synthesizers_for(self, protocol: str) -> list[str]:
+        """The synthesizers ``protocol`` runs: ``protocol_synthesizers[protocol]`` if set, else ``synthesizers``."""
+        return list(self.protocol_synthesizers.get(protocol, self.synthesizers))
 
     def budget(self, protocol: str) -> Budget:
         """The protocol's budget: its default, ``image_size`` if set, then ``budgets[protocol]``."""
@@ -120,7 +125,12 @@ class EvalConfig:
         from ..synthesizers import available
 
         names = set(available()) | {"none"}
-        bad = sorted({part for s in self.synthesizers for part in s.split("+")} - names)
+        unknown = sorted(set(self.protocol_synthesizers) - set(self.protocols))
+        if unknown:
+            msg = f"synthesizers given for protocol(s) {unknown} that this evaluation does not run"
+            raise ValueError(msg)
+        every = [*self.synthesizers, *(s for names_ in self.protocol_synthesizers.values() for s in names_)]
+        bad = sorted({part for s in every for part in s.split("+")} - names)
         if bad:
             msg = f"unknown synthesizer(s) {bad}; available: {', '.join(sorted(names))}"
             raise ValueError(msg)
@@ -177,7 +187,7 @@ def plan(config: EvalConfig) -> list[dict[str, Any]]:
     ``control-patchcore`` only with a backbone."""
     tasks = []
     for name in config.protocols:
-        methods = get_protocol(name).methods(config.synthesizers)
+        methods = get_protocol(name).methods(config.synthesizers_for(name))
         if config.backbone is None:
             methods = [m for m in methods if m != "control-patchcore"]
         for category in config.categories:
@@ -185,6 +195,25 @@ def plan(config: EvalConfig) -> list[dict[str, Any]]:
                 for seed in config.seeds:
                     tasks.append({"protocol": name, "category": category, "method": method, "seed": seed})
     return tasks
+
+
+def shared_control_aliases(config: EvalConfig, tasks: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """``{id(task): earlier task}`` for the shared controls (``control-shot-diff``, ``control-patchcore``) that an
+    earlier protocol of the same image size already runs: they depend only on the shots, the seed and the size, so
+    they run once and are reported under every protocol."""
+    from .base import SHARED_CONTROLS
+
+    first: dict[tuple, dict[str, Any]] = {}
+    aliases = {}
+    for task in tasks:
+        if task["method"] not in SHARED_CONTROLS:
+            continue
+        key = (task["category"], task["method"], task["seed"], config.size(task["protocol"]))
+        if key in first:
+            aliases[id(task)] = first[key]
+        else:
+            first[key] = task
+    return aliases
 
 
 def held_out_normals(data: Any, shots: list[Path], count: int, seed: int) -> list[Path]:
@@ -302,7 +331,8 @@ def evaluate(config: EvalConfig, output: str | Path, progress: bool = True) -> d
         config.segmenter_dir = config.segmenter_dir or str(output / "segmenters")
         pretrain_segmenters(config, progress)
     tasks = plan(config)
-    todo = [t for t in tasks if not run_path(output, **t).is_file()]
+    aliases = shared_control_aliases(config, tasks)
+    todo = [t for t in tasks if id(t) not in aliases and not run_path(output, **t).is_file()]
     args = [(t, asdict(config), str(output)) for t in todo]
     with tqdm(
         total=len(tasks), initial=len(tasks) - len(todo), desc="evaluate", unit="run", disable=not progress
@@ -318,6 +348,11 @@ def evaluate(config: EvalConfig, output: str | Path, progress: bool = True) -> d
                 record = _work(arg)
                 bar.set_postfix_str(f"{record['category']}/{record['method']}/{record['seed']}")
                 bar.update(1)
+    for task in tasks:  # the shared controls of later protocols: the record of the first, under their name
+        source = aliases.get(id(task))
+        if source is not None and not run_path(output, **task).is_file():
+            record = {**json.loads(run_path(output, **source).read_text()), "protocol": task["protocol"]}
+            write_text(run_path(output, **task), json.dumps({**record, "computed_in": source["protocol"]}))
     records = [json.loads(run_path(output, **t).read_text()) for t in tasks]
     machine = f"{platform.machine()}, {mp.cpu_count()} CPU cores, torch {torch.__version__}, {config.workers} workers"
     return write_report(config, records, output, machine)
