@@ -152,8 +152,14 @@ def test_draem_and_anomalib_protocols_run(tmp_path) -> None:
     for control in ("control-shot-diff", "control-patchcore"):
         assert [rows[("draem", control)][m] for m in metrics] == [rows[("anomalib", control)][m] for m in metrics]
     # PatchCore stores no anomalies (anomaly ratio 0 for a memory bank): the synthetic split only sets its threshold,
-    # so its maps, and every pixel metric, are those of the plain run
-    assert [rows[("anomalib", "cutpaste")][m] for m in metrics] == [rows[("anomalib", "none")][m] for m in metrics]
+    # so its maps, and every pixel metric, are those of the plain run, up to float rounding. Not bit for bit: the
+    # plain run trains on the shot repeated batch_size times (2 copies in one batch), the wrapped run on one copy, and
+    # the CPU convolution of resnet18's layer3 gives the same image last-bit different features (4.5e-8) in a batch
+    # of 2 than alone (oneDNN picks another kernel for another batch size; the same with 1 thread, and each batch
+    # size is deterministic). The memory bank, hence pixel AP, moves by ~4e-9 (0.0607554018 vs 0.0607554056 on
+    # torch 2.14.1). A real difference (another memory bank) moves these metrics by far more than 1e-6.
+    plain = [rows[("anomalib", "none")][m] for m in metrics]
+    assert [rows[("anomalib", "cutpaste")][m] for m in metrics] == pytest.approx(plain, rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.slow
