@@ -120,11 +120,15 @@ def test_image_metrics_are_nan_without_normal_test_images() -> None:
 
 
 def test_metrics_normalise_before_scoring() -> None:
-    # three score levels outside [0, 1]: after a sigmoid, 20 and 40 would tie (both ~1.0) and F1-max would change
-    masks = torch.tensor([[[False, True, True]]])
-    maps = torch.tensor([[[-5.0, 20.0, 40.0]]])
-    assert evaluate_maps(maps, masks, torch.tensor([True]))["pixel_F1max"] == pytest.approx(1.0)
-    assert normalise(maps).tolist() == [[[0.0, 0.5555555820465088, 1.0]]]
+    # three score levels outside [0, 1]: torchmetrics would apply a sigmoid, under which 20 and 40 tie (both 1.0 in
+    # float32). Only the highest is a defect, so the tie costs F1-max (0.667) and image AUROC (0.75): with [F, T, T]
+    # both tied scores would be defects and the tie would cost nothing.
+    masks = torch.tensor([[[False]], [[False]], [[True]]])
+    maps = torch.tensor([[[-5.0]], [[20.0]], [[40.0]]])
+    out = evaluate_maps(maps, masks, masks.flatten())
+    assert out["pixel_F1max"] == pytest.approx(1.0) and out["pixel_AP"] == pytest.approx(1.0)
+    assert out["image_AUROC"] == pytest.approx(1.0) and out["image_AP"] == pytest.approx(1.0)
+    assert normalise(maps).flatten().tolist() == [0.0, 0.5555555820465088, 1.0]
 
 
 @pytest.mark.slow
