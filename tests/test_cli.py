@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from anomalib_synth import generate as generate_module
-from anomalib_synth.cli import main
+from anomalib_synth.cli import main, one_line
 from anomalib_synth.generate import generate
 from anomalib_synth.io import builtin_photo, resize, to_uint8
 from anomalib_synth.writer import MANIFEST, MVTecWriter
@@ -126,6 +126,27 @@ def test_generate_bad_input_gives_clear_error(tmp_path, monkeypatch, capsys, arg
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_multi_line_error_from_a_library_prints_one_line(tmp_path, monkeypatch, capsys) -> None:
+    def fails(*args, **kwargs):
+        raise ValueError("Parser key 'beta':\n\n  - expected a float\n  - got 'x'\n")  # as jsonargparse words them
+
+    monkeypatch.setattr(generate_module, "generate", fails)
+    assert main(["generate", "builtin:brick", str(tmp_path / "o"), "-s", "perlin", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err == "anomalib-synth generate: error: Parser key 'beta': - expected a float - got 'x'\n"
+    assert one_line(OSError()) == "OSError", "an empty message names the exception"
+
+
+def test_anomalib_train_with_an_unknown_model_prints_one_line_and_exits_2(tmp_path) -> None:
+    result = subprocess.run([sys.executable, "-m", "anomalib_synth.cli", "train", "--model", "Nope"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("anomalib-synth train: error:"), result.stderr
+    assert "Nope" in lines[0] and "--help" in lines[0]
+    assert not (tmp_path / "results").exists(), "no empty results/ folder is left"
 
 
 def test_grayscale_generation(tmp_path) -> None:
