@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,33 +76,39 @@ def test_same_seed_identical_files_different_seed_different(tmp_path) -> None:
     assert _files(tmp_path / "a") != _files(tmp_path / "c")
 
 
+def _interrupt_inside_a_write(monkeypatch, stem: str) -> None:
+    """Ctrl-C inside the PNG write of ``stem`` (e.g. ``005``): half of the file is on disk under its temporary name
+    (``.005.<random>.tmp.png``) when the interruption comes, so the temporary file exists and must be removed."""
+    original = Image.Image.save
+
+    def save(self, fp, *args, **kwargs):
+        original(self, fp, *args, **kwargs)
+        if Path(fp).name.startswith(f".{stem}."):
+            Path(fp).write_bytes(Path(fp).read_bytes()[:100])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
 def test_interrupted_run_resumes_to_identical_files(tmp_path, monkeypatch) -> None:
-    kwargs = {"num": 6, "size": (40, 40), "batch_size": 2, "seed": 5, "progress": False}
+    kwargs = {"num": 8, "size": (40, 40), "batch_size": 2, "seed": 5, "progress": False}
     generate("builtin:grass,coffee", tmp_path / "full", "perlin", **kwargs)
-
-    calls = {"n": 0}
-    original = MVTecWriter.write
-
-    def dying_write(self, *args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt  # killed in the middle of batch 1
-        return original(self, *args, **kw)
-
-    monkeypatch.setattr(MVTecWriter, "write", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        generate("builtin:grass,coffee", tmp_path / "resumed", "perlin", **kwargs)
-    monkeypatch.setattr(MVTecWriter, "write", original)
-    partial = MVTecWriter(tmp_path / "resumed", "perlin").completed()
-    assert sorted(partial) == [0, 1, 2]
-    assert not list((tmp_path / "resumed").rglob("*.tmp*")), "no temporary files are left behind"
-    # a truncated manifest line and a corrupt image are detected and regenerated too
-    with (tmp_path / "resumed" / MANIFEST).open("a") as f:
-        f.write('{"index": 3, "ima')
-    (tmp_path / "resumed" / "test" / "perlin" / "001.png").write_bytes(b"not a png")
-    assert sorted(MVTecWriter(tmp_path / "resumed", "perlin").completed()) == [0, 2]
-    generate("builtin:grass,coffee", tmp_path / "resumed", "perlin", **kwargs)
-    assert _files(tmp_path / "full") == _files(tmp_path / "resumed")
+    resumed = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        _interrupt_inside_a_write(patch, "005")  # batches 0 and 1 finished, batch 2 half done
+        with pytest.raises(KeyboardInterrupt):
+            generate("builtin:grass,coffee", resumed, "perlin", **kwargs)
+    assert sorted(MVTecWriter(resumed, "perlin").completed()) == [0, 1, 2, 3, 4]
+    assert not list(resumed.rglob(".*.tmp*")), "the file in flight leaves no temporary file behind"
+    # a truncated manifest line and a corrupt image (of batch 1: batch 0 stays done) are detected and redone too
+    with (resumed / MANIFEST).open("a") as f:
+        f.write('{"index": 5, "ima')
+    (resumed / "test" / "perlin" / "003.png").write_bytes(b"not a png")
+    assert sorted(MVTecWriter(resumed, "perlin").completed()) == [0, 1, 2, 4]
+    records = generate("builtin:grass,coffee", resumed, "perlin", **kwargs)
+    assert records.written == 4, "samples 3, 5, 6 and 7"
+    # batches 1 to 3 start from their own seeds, not from a generator that went through batch 0 first
+    assert _files(tmp_path / "full") == _files(resumed)
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path, capsys) -> None:
