@@ -111,12 +111,64 @@ def test_interrupted_run_resumes_to_identical_files(tmp_path, monkeypatch) -> No
     assert _files(tmp_path / "full") == _files(resumed)
 
 
-def test_rerun_with_other_settings_is_refused(tmp_path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (["--seed", "9"], "seed"),
+        (["-n", "3"], "num"),
+        (["--size", "32", "40"], "size"),
+        (["--batch-size", "1"], "batch_size"),
+        (["--grayscale"], "channels"),
+        (["--foreground", "none"], "config"),
+        (["-o", "scar_width=[2,4]"], "config"),
+        (["-s", "cutpaste"], "synthesizer"),
+        (["SOURCE", "builtin:gravel"], "source"),
+    ],
+)
+def test_rerun_with_other_settings_is_refused(tmp_path, capsys, change, named) -> None:
     out = tmp_path / "o"
-    assert main(["generate", "builtin:brick", str(out), "-s", "scar", "-n", "2", "--size", "32", "32", "-q"]) == 0
-    assert main(["generate", "builtin:brick", str(out), "-s", "scar", "-n", "2", "--size", "32", "32", "-q",
-                 "--seed", "9"]) == 2  # fmt: skip
-    assert "different settings (seed)" in capsys.readouterr().err
+    base = {"SOURCE": "builtin:brick", "-s": "scar"}
+    assert main(["generate", base["SOURCE"], str(out), "-s", base["-s"], "-n", "2", "--size", "32", "32", "-q"]) == 0
+    before = _files(out)
+    if change[0] in base:
+        base[change[0]] = change[1]
+        change = []
+    capsys.readouterr()
+    code = main(["generate", base["SOURCE"], str(out), "-s", base["-s"], "-n", "2", "--size", "32", "32", "-q",
+                 *change])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "different settings (" in err, err
+    assert named in err.split("different settings (")[1].split(")")[0].split(", "), err
+    assert _files(out) == before, "a refused run writes nothing"
+
+
+def test_rerun_on_a_source_folder_whose_files_changed_is_refused(tmp_path, normal_folder) -> None:
+    out = tmp_path / "o"
+    generate(str(normal_folder), out, "scar", num=2, size=(32, 32), progress=False)
+    (normal_folder / "brick.png").rename(normal_folder / "another.png")
+    with pytest.raises(ValueError, match=r"different settings \(sources\)"):
+        generate(str(normal_folder), out, "scar", num=2, size=(32, 32), progress=False)
+
+
+def test_an_unreadable_source_file_is_skipped_named_and_counted_or_stops_the_run(tmp_path, normal_folder,
+                                                                                   capsys, caplog) -> None:  # fmt: skip
+    (normal_folder / "zz_garbage.png").write_bytes(b"not an image")
+    args = ["generate", str(normal_folder), str(tmp_path / "o"), "-s", "scar", "-n", "3", "--size", "32", "32", "-q"]
+    with caplog.at_level("WARNING", logger="anomalib_synth.io"):
+        assert main(args) == 0
+    assert "zz_garbage.png" in caplog.text
+    assert "skipped 1 unreadable source file(s)" in capsys.readouterr().out
+    assert main([*args[:2], str(tmp_path / "strict"), *args[3:], "--on-error", "raise"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "zz_garbage.png" in err[0]
+
+
+@pytest.mark.parametrize("where", [0, 1, -1])
+def test_debug_anywhere_on_the_command_line_raises_the_error(tmp_path, where) -> None:
+    args = ["generate", str(tmp_path / "missing"), str(tmp_path / "out"), "-s", "nsa"]
+    args.insert(where if where >= 0 else len(args), "--debug")
+    with pytest.raises(ValueError, match="missing"):
+        main(args)
 
 
 @pytest.mark.parametrize(
