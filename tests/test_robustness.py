@@ -73,6 +73,16 @@ def test_exif_orientation_is_applied(kinds) -> None:
     assert stored.shape[:2] == ODD
 
 
+def test_one_bit_images_read_black_and_white(tmp_path) -> None:
+    pattern = np.zeros(ODD, dtype=bool)
+    pattern[10:40, 20:90] = True
+    Image.fromarray(pattern).convert("1").save(tmp_path / "onebit.png")
+    assert Image.open(tmp_path / "onebit.png").mode == "1"
+    expected = torch.from_numpy(pattern).float()
+    assert torch.equal(read_image(tmp_path / "onebit.png"), expected.expand(3, -1, -1))
+    assert torch.equal(read_image(tmp_path / "onebit.png", channels=1), expected[None])
+
+
 def test_tiny_and_large_images_resize(kinds) -> None:
     for kind in ("tiny", "large"):
         source = load_source(str(kinds[kind].parent), (32, 48))
@@ -134,6 +144,18 @@ def test_overshoot_from_anomalibs_resize_is_accepted_and_clamped(name, white_bat
 def test_real_range_mistakes_still_raise_with_exact_extremes(images, extremes) -> None:
     with pytest.raises(ValueError, match=r"\[0,1\].*" + extremes.replace(".", r"\.")):
         get("cutpaste")(images)
+
+
+def test_the_accepted_overshoot_is_0_1_on_either_side() -> None:
+    for low, high in ((-0.095, 0.5), (0.5, 1.095)):
+        images = torch.tensor([low, high]).repeat_interleave(96).view(1, 3, 8, 8)
+        out = get("cutpaste")(images, generator=torch.Generator().manual_seed(0))
+        outside = ~out.masks.bool().expand_as(images)
+        assert out.images.min() >= 0 and out.images.max() <= 1
+        assert torch.equal(out.images[outside], images.clamp(0, 1)[outside]), "clamped, not rescaled"
+    for low, high in ((-0.105, 0.5), (0.5, 1.105)):
+        with pytest.raises(ValueError, match="got values in"):
+            get("cutpaste")(torch.tensor([low, high]).repeat_interleave(96).view(1, 3, 8, 8))
 
 
 def test_transform_accepts_overshoot(white_batch) -> None:
