@@ -181,22 +181,42 @@ def run_anomalib(args: Sequence[str]) -> int:
     """Run anomalib's CLI with this plugin imported, so that short names such as ``SyntheticAnomalyDataModule``
     resolve (``anomalib-synth train --config configs/....yaml`` == ``anomalib train ...`` plus the plugin) and the
     offline backbones (``efficientnet_lite0.local``, ``--backbone-weights NAME=PATH``) are registered."""
-    from anomalib.cli.cli import AnomalibCLI
-    from anomalib.loggers import configure_logger
+    import logging
+    import warnings
 
-    import anomalib_synth.data  # noqa: F401  (registers the datamodule class for jsonargparse, and the backbones)
+    with warnings.catch_warnings():  # anomalib's own imports of deprecated modules: nothing the user can act on
+        warnings.filterwarnings("ignore", r".*(timm\.models\.layers|components\.dinov2).* deprecated", FutureWarning)
+        from anomalib.cli.cli import AnomalibCLI
+        from anomalib.loggers import configure_logger
+
+        import anomalib_synth.data  # noqa: F401  (registers the datamodule class for jsonargparse, and the backbones)
+
+    from jsonargparse import ArgumentError
 
     from .backbones import explain_missing_weights
+
+    class OneLineAnomalibCLI(AnomalibCLI):
+        """anomalib's CLI whose parse errors raise (one line, exit 2, from :func:`main`) instead of printing the
+        usage and a multi-line message."""
+
+        @staticmethod
+        def init_parser(**kwargs: Any) -> Any:
+            return AnomalibCLI.init_parser(**{"exit_on_error": False, **kwargs})
 
     ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     ours.add_argument("--backbone-weights", action="append", default=[])
     known, args = ours.parse_known_args(list(args))
     _backbone_weights(known.backbone_weights)
+    logging.getLogger("anomalib.cli.utils.openvino").setLevel(logging.WARNING)  # "OpenVINO is possibly not installed"
     configure_logger()
     before = _empty_dirs(Path("results"))
     try:
         with explain_missing_weights():
-            AnomalibCLI(args)
+            try:
+                OneLineAnomalibCLI(args)
+            except ArgumentError as err:
+                msg = f"{one_line(err)} (see anomalib-synth {args[0] if args else 'train'} --help)"
+                raise ValueError(msg) from err
     except BaseException:
         _remove(_empty_dirs(Path("results")) - before)  # the run's empty results/<Model>/<data>/<category>/vN
         raise

@@ -48,8 +48,16 @@ def test_builtin_efficientnet_lite0_classifies_imagenet_photos() -> None:
 
 
 def _random_resnet18(path: Path, rename: bool) -> dict[str, torch.Tensor]:
+    """A resnet18 state dict in which every tensor differs from its initial value: BatchNorm's weight, bias, running
+    statistics and counters too (initialised to 1, 0, 0, 1 and 0, a conversion that dropped them would go unseen)."""
     torch.manual_seed(0)
     state = timm.create_model("resnet18").state_dict()
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+        elif value.ndim == 1:  # BatchNorm's tensors (and the classifier's bias)
+            positive = key.endswith(("running_var", "weight"))
+            state[key] = torch.rand(value.shape) + 0.5 if positive else torch.randn(value.shape)
     saved = {f"t{i:03d}": v for i, v in enumerate(state.values())} if rename else state
     torch.save(saved, path)
     return state
@@ -63,9 +71,21 @@ def test_registered_file_feeds_anomalib_models_from_python(tmp_path, rename: boo
     name = f"resnet18.mine{int(rename)}"
     register_weights(name, tmp_path / "r18.pth")
     model = Patchcore(backbone=name, layers=["layer2", "layer3"], pre_trained=True)
-    loaded = model.model.feature_extractor.feature_extractor.state_dict()
-    assert torch.equal(loaded["layer2.0.conv1.weight"], state["layer2.0.conv1.weight"])
-    assert torch.equal(loaded["conv1.weight"], state["conv1.weight"])
+    extractor = model.model.feature_extractor
+    loaded = extractor.feature_extractor.state_dict()
+    assert "layer3.1.bn2.running_var" in loaded
+    different = [key for key, value in loaded.items() if not torch.equal(value, state[key])]
+    assert not different, f"tensors changed on the way: {different[:5]}"
+    reference = timm.create_model("resnet18")
+    reference.load_state_dict(state)
+    reference.eval()
+    image = resize(builtin_photo("coffee"), (64, 64))[None]
+    with torch.no_grad():
+        x = reference.maxpool(reference.act1(reference.bn1(reference.conv1(image))))
+        expected = reference.layer3(layer2 := reference.layer2(reference.layer1(x)))
+        features = extractor.eval()(image)
+    assert torch.allclose(features["layer2"], layer2, atol=1e-5)
+    assert torch.allclose(features["layer3"], expected, atol=1e-5)
 
 
 def test_a_file_that_does_not_fit_names_the_tensor_and_both_shapes(tmp_path) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from anomalib_synth import generate as generate_module
-from anomalib_synth.cli import main
+from anomalib_synth.cli import main, one_line
 from anomalib_synth.generate import generate
 from anomalib_synth.io import builtin_photo, resize, to_uint8
 from anomalib_synth.writer import MANIFEST, MVTecWriter
@@ -75,41 +76,99 @@ def test_same_seed_identical_files_different_seed_different(tmp_path) -> None:
     assert _files(tmp_path / "a") != _files(tmp_path / "c")
 
 
+def _interrupt_inside_a_write(monkeypatch, stem: str) -> None:
+    """Ctrl-C inside the PNG write of ``stem`` (e.g. ``005``): half of the file is on disk under its temporary name
+    (``.005.<random>.tmp.png``) when the interruption comes, so the temporary file exists and must be removed."""
+    original = Image.Image.save
+
+    def save(self, fp, *args, **kwargs):
+        original(self, fp, *args, **kwargs)
+        if Path(fp).name.startswith(f".{stem}."):
+            Path(fp).write_bytes(Path(fp).read_bytes()[:100])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
 def test_interrupted_run_resumes_to_identical_files(tmp_path, monkeypatch) -> None:
-    kwargs = {"num": 6, "size": (40, 40), "batch_size": 2, "seed": 5, "progress": False}
+    kwargs = {"num": 8, "size": (40, 40), "batch_size": 2, "seed": 5, "progress": False}
     generate("builtin:grass,coffee", tmp_path / "full", "perlin", **kwargs)
-
-    calls = {"n": 0}
-    original = MVTecWriter.write
-
-    def dying_write(self, *args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt  # killed in the middle of batch 1
-        return original(self, *args, **kw)
-
-    monkeypatch.setattr(MVTecWriter, "write", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        generate("builtin:grass,coffee", tmp_path / "resumed", "perlin", **kwargs)
-    monkeypatch.setattr(MVTecWriter, "write", original)
-    partial = MVTecWriter(tmp_path / "resumed", "perlin").completed()
-    assert sorted(partial) == [0, 1, 2]
-    assert not list((tmp_path / "resumed").rglob("*.tmp*")), "no temporary files are left behind"
-    # a truncated manifest line and a corrupt image are detected and regenerated too
-    with (tmp_path / "resumed" / MANIFEST).open("a") as f:
-        f.write('{"index": 3, "ima')
-    (tmp_path / "resumed" / "test" / "perlin" / "001.png").write_bytes(b"not a png")
-    assert sorted(MVTecWriter(tmp_path / "resumed", "perlin").completed()) == [0, 2]
-    generate("builtin:grass,coffee", tmp_path / "resumed", "perlin", **kwargs)
-    assert _files(tmp_path / "full") == _files(tmp_path / "resumed")
+    resumed = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        _interrupt_inside_a_write(patch, "005")  # batches 0 and 1 finished, batch 2 half done
+        with pytest.raises(KeyboardInterrupt):
+            generate("builtin:grass,coffee", resumed, "perlin", **kwargs)
+    assert sorted(MVTecWriter(resumed, "perlin").completed()) == [0, 1, 2, 3, 4]
+    assert not list(resumed.rglob(".*.tmp*")), "the file in flight leaves no temporary file behind"
+    # a truncated manifest line and a corrupt image (of batch 1: batch 0 stays done) are detected and redone too
+    with (resumed / MANIFEST).open("a") as f:
+        f.write('{"index": 5, "ima')
+    (resumed / "test" / "perlin" / "003.png").write_bytes(b"not a png")
+    assert sorted(MVTecWriter(resumed, "perlin").completed()) == [0, 1, 2, 4]
+    records = generate("builtin:grass,coffee", resumed, "perlin", **kwargs)
+    assert records.written == 4, "samples 3, 5, 6 and 7"
+    # batches 1 to 3 start from their own seeds, not from a generator that went through batch 0 first
+    assert _files(tmp_path / "full") == _files(resumed)
 
 
-def test_rerun_with_other_settings_is_refused(tmp_path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (["--seed", "9"], "seed"),
+        (["-n", "3"], "num"),
+        (["--size", "32", "40"], "size"),
+        (["--batch-size", "1"], "batch_size"),
+        (["--grayscale"], "channels"),
+        (["--foreground", "none"], "config"),
+        (["-o", "scar_width=[2,4]"], "config"),
+        (["-s", "cutpaste"], "synthesizer"),
+        (["SOURCE", "builtin:gravel"], "source"),
+    ],
+)
+def test_rerun_with_other_settings_is_refused(tmp_path, capsys, change, named) -> None:
     out = tmp_path / "o"
-    assert main(["generate", "builtin:brick", str(out), "-s", "scar", "-n", "2", "--size", "32", "32", "-q"]) == 0
-    assert main(["generate", "builtin:brick", str(out), "-s", "scar", "-n", "2", "--size", "32", "32", "-q",
-                 "--seed", "9"]) == 2  # fmt: skip
-    assert "different settings (seed)" in capsys.readouterr().err
+    base = {"SOURCE": "builtin:brick", "-s": "scar"}
+    assert main(["generate", base["SOURCE"], str(out), "-s", base["-s"], "-n", "2", "--size", "32", "32", "-q"]) == 0
+    before = _files(out)
+    if change[0] in base:
+        base[change[0]] = change[1]
+        change = []
+    capsys.readouterr()
+    code = main(["generate", base["SOURCE"], str(out), "-s", base["-s"], "-n", "2", "--size", "32", "32", "-q",
+                 *change])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "different settings (" in err, err
+    assert named in err.split("different settings (")[1].split(")")[0].split(", "), err
+    assert _files(out) == before, "a refused run writes nothing"
+
+
+def test_rerun_on_a_source_folder_whose_files_changed_is_refused(tmp_path, normal_folder) -> None:
+    out = tmp_path / "o"
+    generate(str(normal_folder), out, "scar", num=2, size=(32, 32), progress=False)
+    (normal_folder / "brick.png").rename(normal_folder / "another.png")
+    with pytest.raises(ValueError, match=r"different settings \(sources\)"):
+        generate(str(normal_folder), out, "scar", num=2, size=(32, 32), progress=False)
+
+
+def test_an_unreadable_source_file_is_skipped_named_and_counted_or_stops_the_run(tmp_path, normal_folder,
+                                                                                   capsys, caplog) -> None:  # fmt: skip
+    (normal_folder / "zz_garbage.png").write_bytes(b"not an image")
+    args = ["generate", str(normal_folder), str(tmp_path / "o"), "-s", "scar", "-n", "3", "--size", "32", "32", "-q"]
+    with caplog.at_level("WARNING", logger="anomalib_synth.io"):
+        assert main(args) == 0
+    assert "zz_garbage.png" in caplog.text
+    assert "skipped 1 unreadable source file(s)" in capsys.readouterr().out
+    assert main([*args[:2], str(tmp_path / "strict"), *args[3:], "--on-error", "raise"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "zz_garbage.png" in err[0]
+
+
+@pytest.mark.parametrize("where", [0, 1, -1])
+def test_debug_anywhere_on_the_command_line_raises_the_error(tmp_path, where) -> None:
+    args = ["generate", str(tmp_path / "missing"), str(tmp_path / "out"), "-s", "nsa"]
+    args.insert(where if where >= 0 else len(args), "--debug")
+    with pytest.raises(ValueError, match="missing"):
+        main(args)
 
 
 @pytest.mark.parametrize(
@@ -126,6 +185,27 @@ def test_generate_bad_input_gives_clear_error(tmp_path, monkeypatch, capsys, arg
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_multi_line_error_from_a_library_prints_one_line(tmp_path, monkeypatch, capsys) -> None:
+    def fails(*args, **kwargs):
+        raise ValueError("Parser key 'beta':\n\n  - expected a float\n  - got 'x'\n")  # as jsonargparse words them
+
+    monkeypatch.setattr(generate_module, "generate", fails)
+    assert main(["generate", "builtin:brick", str(tmp_path / "o"), "-s", "perlin", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err == "anomalib-synth generate: error: Parser key 'beta': - expected a float - got 'x'\n"
+    assert one_line(OSError()) == "OSError", "an empty message names the exception"
+
+
+def test_anomalib_train_with_an_unknown_model_prints_one_line_and_exits_2(tmp_path) -> None:
+    result = subprocess.run([sys.executable, "-m", "anomalib_synth.cli", "train", "--model", "Nope"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("anomalib-synth train: error:"), result.stderr
+    assert "Nope" in lines[0] and "--help" in lines[0]
+    assert not (tmp_path / "results").exists(), "no empty results/ folder is left"
 
 
 def test_grayscale_generation(tmp_path) -> None:

@@ -202,6 +202,28 @@ def test_float64_and_non_square_images(name: str, built, photos: torch.Tensor) -
     assert out.labels.all() and _coverage(out, images).min() > 0.6, "float64 images change inside the mask"
 
 
+def test_a_synthesizer_computing_in_float32_keeps_float64_pixels_outside_bit_exact(photos: torch.Tensor) -> None:
+    """The base class's guarantee for any new synthesizer: a result computed in float32 (as diffusion models do) is
+    put back together with the input's own float64 values outside the mask."""
+
+    class Float32Inside(Synthesizer):
+        name = "float32-inside"
+
+        def sample_params(self, images, fg_masks, generator):
+            return {}
+
+        def apply(self, images, params):
+            masks = torch.zeros_like(images[:, :1], dtype=torch.bool)
+            masks[..., 10:30, 20:40] = True
+            return self._result(images, torch.where(masks, 0.5, images.float()), masks, params, ())
+
+    images = photos.double() * (1 - 1e-9)  # values float32 cannot hold
+    out = Float32Inside()(images, generator=gen(0))
+    outside = ~out.masks.bool().expand_as(images)
+    assert out.images.dtype == torch.float64 and torch.equal(out.images[outside], images[outside])
+    assert out.labels.all()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_masks_stay_inside_given_foreground(name: str, built, photos: torch.Tensor) -> None:
     synth, images = built(name), _images(name, photos)
@@ -231,6 +253,7 @@ def test_bad_images_raise_the_documented_error(name: str, built, photos: torch.T
         ((photos[:1] * 255).to(torch.uint8), "floating point"),
         (photos[:1] * 255, r"in \[0,1\]"),
         (photos[:1, :2], "1 or 3 channels"),
+        (torch.cat([photos[:1], photos[:1, :1]], 1), "1 or 3 channels"),  # RGBA
         (photos[0], "rank 4"),
     ):
         with pytest.raises(ValueError, match=message):

@@ -134,6 +134,9 @@ def test_online_synthesis_sets_labels_and_masks_reproducibly(tiny_root, tmp_path
     second_batch = dm.synthesize_train_batch(batch, epoch=0)
     next_epoch = dm.synthesize_train_batch(batch, epoch=1)
     assert not torch.equal(second_batch.gt_mask, out.gt_mask) and not torch.equal(next_epoch.gt_mask, out.gt_mask)
+    other_seed = _wrap(tiny_root, tmp_path, synthesizer="cutpaste", anomaly_ratio=1.0, synthetic_val=False, seed=5)
+    other_seed.setup()
+    assert not torch.equal(other_seed.synthesize_train_batch(batch, epoch=0).gt_mask, out.gt_mask)
 
 
 def test_online_keeps_real_anomalies_and_respects_ratio(tiny_root, tmp_path) -> None:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +73,16 @@ def test_exif_orientation_is_applied(kinds) -> None:
     assert stored.shape[:2] == ODD
 
 
+def test_one_bit_images_read_black_and_white(tmp_path) -> None:
+    pattern = np.zeros(ODD, dtype=bool)
+    pattern[10:40, 20:90] = True
+    Image.fromarray(pattern).convert("1").save(tmp_path / "onebit.png")
+    assert Image.open(tmp_path / "onebit.png").mode == "1"
+    expected = torch.from_numpy(pattern).float()
+    assert torch.equal(read_image(tmp_path / "onebit.png"), expected.expand(3, -1, -1))
+    assert torch.equal(read_image(tmp_path / "onebit.png", channels=1), expected[None])
+
+
 def test_tiny_and_large_images_resize(kinds) -> None:
     for kind in ("tiny", "large"):
         source = load_source(str(kinds[kind].parent), (32, 48))
@@ -136,6 +144,18 @@ def test_overshoot_from_anomalibs_resize_is_accepted_and_clamped(name, white_bat
 def test_real_range_mistakes_still_raise_with_exact_extremes(images, extremes) -> None:
     with pytest.raises(ValueError, match=r"\[0,1\].*" + extremes.replace(".", r"\.")):
         get("cutpaste")(images)
+
+
+def test_the_accepted_overshoot_is_0_1_on_either_side() -> None:
+    for low, high in ((-0.095, 0.5), (0.5, 1.095)):
+        images = torch.tensor([low, high]).repeat_interleave(96).view(1, 3, 8, 8)
+        out = get("cutpaste")(images, generator=torch.Generator().manual_seed(0))
+        outside = ~out.masks.bool().expand_as(images)
+        assert out.images.min() >= 0 and out.images.max() <= 1
+        assert torch.equal(out.images[outside], images.clamp(0, 1)[outside]), "clamped, not rescaled"
+    for low, high in ((-0.105, 0.5), (0.5, 1.105)):
+        with pytest.raises(ValueError, match="got values in"):
+            get("cutpaste")(torch.tensor([low, high]).repeat_interleave(96).view(1, 3, 8, 8))
 
 
 def test_transform_accepts_overshoot(white_batch) -> None:
@@ -315,34 +335,48 @@ def test_cli_missing_folder_and_debug_traceback(tmp_path) -> None:
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
-)
+SIGNAL_INSIDE_A_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from PIL import Image
+from anomalib_synth.cli import main
+
+original = Image.Image.save
+
+def save(self, fp, *args, **kwargs):  # the signal arrives while 005.png exists only under its temporary name
+    original(self, fp, *args, **kwargs)
+    if Path(fp).name.startswith(".005."):
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+
+Image.Image.save = save
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("sig", "code", "word"), [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
 def test_cli_signal_exits_cleanly_and_rerun_leaves_a_folder_anomalib_loads(tmp_path, sig, code, word) -> None:
+    """The signal is sent from inside a PNG write (after the file is written, before its rename), so the temporary
+    file exists when it lands: the check that none is left does not depend on timing."""
     from anomalib.data.datasets.image.folder import make_folder_dataset
 
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "anomalib_synth.cli", "generate", "builtin:brick,grass", str(out), "-s", "nsa",
-            "-n", "120", "--size", "64", "64", "--batch-size", "2", "-q"]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["generate", "builtin:brick,grass", str(out), "-s", "nsa", "-n", "12", "--size", "48", "48",
+            "--batch-size", "2", "-q"]  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", SIGNAL_INSIDE_A_WRITE, sig, *args], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert killed.returncode == code, killed.stderr
+    assert killed.stderr.strip().splitlines() == [line for line in killed.stderr.strip().splitlines() if word in line]
+    assert "Traceback" not in killed.stderr
     manifest = out / "manifest.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not manifest.is_file() or manifest.read_text().count("\n") < 4):
-        time.sleep(0.02)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == code, stderr
-    assert stderr.strip().splitlines() == [line for line in stderr.strip().splitlines() if word in line]
-    assert "Traceback" not in stderr
+    assert len(manifest.read_text().splitlines()) == 5, "samples 0 to 4 are kept"
     assert not list(out.rglob(".*.tmp*")), "the sample in flight leaves no temp file"
-    stale = out / "test" / "nsa" / ".051.x1y2.tmp.png"  # as a SIGKILL would leave it
+    stale = out / "test" / "nsa" / ".011.x1y2.tmp.png"  # as a SIGKILL would leave it
     stale.write_bytes(b"")
-    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0 and "missing samples" in rerun.stdout
+    rerun = _cli(*args)
+    assert rerun.returncode == 0 and "wrote 7 missing samples" in rerun.stdout, rerun.stderr
     assert not stale.exists()
     records = [json.loads(line) for line in manifest.read_text().splitlines()]
-    assert [r["index"] for r in records] == list(range(120))
+    assert [r["index"] for r in records] == list(range(12))
     normal = tmp_path / "normal"
     normal.mkdir()
     Image.fromarray(white_object()).save(normal / "000.png")
