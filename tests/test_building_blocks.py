@@ -15,7 +15,11 @@ from conftest import gen
 from anomalib_synth import metrics
 from anomalib_synth.synthesizers import SynthesisResult
 from anomalib_synth.synthesizers.ops import (
+    binary_dilate,
+    binary_open_close,
     choose_k_of_n,
+    fill_holes,
+    fill_holes_torch,
     rotated_rect_mask,
     sample_at,
     sample_derangement,
@@ -121,6 +125,43 @@ def test_auto_foreground_keeps_defects_on_the_object(object_on_background) -> No
         assert out.labels.all()
         outside = (out.masks.bool() & ~truth).sum() / out.masks.sum()
         assert outside < 0.05, name
+
+
+def _blobs(batch: int, h: int, w: int, level: float, seed: int) -> torch.Tensor:
+    """Bool ``[B, 1, H, W]`` blobs (thresholded smooth noise): masks with holes, islands and border contact."""
+    noise = torch.rand(batch, 1, max(1, h // 4), max(1, w // 4), generator=gen(seed))
+    return F.interpolate(noise, size=(h, w), mode="bilinear", align_corners=False) < level
+
+
+def test_binary_morphology_equals_max_pool_reference() -> None:
+    def dilate(m, r):
+        return F.max_pool2d(m.float(), 2 * r + 1, stride=1, padding=r) > 0.5
+
+    for seed, (h, w, r) in enumerate(((31, 40, 1), (64, 50, 2), (40, 33, 5), (21, 60, 9))):
+        m = _blobs(3, h, w, 0.5, seed)
+        assert torch.equal(binary_dilate(m, r), dilate(m, r)), (h, w, r)
+        # opening then closing, each step a max-pool (erosion counts the outside as set)
+        ref = ~dilate(~dilate(dilate(~dilate(~m, r), r), r), r)
+        assert torch.equal(binary_open_close(m, r), ref), (h, w, r)
+        assert not torch.equal(ref, m)
+
+
+def test_fill_holes_equals_scipy_per_image_on_both_routes() -> None:
+    from scipy.ndimage import binary_fill_holes
+
+    for seed, (h, w, level) in enumerate(((48, 40, 0.5), (33, 57, 0.4), (60, 60, 0.6))):
+        m = _blobs(4, h, w, level, seed)
+        m[0, 0, 10:20, 10:20] = True
+        m[0, 0, 13:17, 13:17] = False  # a hole at least once
+        ref = torch.stack([torch.from_numpy(binary_fill_holes(x[0].numpy())) for x in m]).unsqueeze(1)
+        assert (ref & ~m).any()
+        assert torch.equal(fill_holes(m), ref)
+        assert torch.equal(fill_holes_torch(m), ref)
+    # a diagonal gap is closed for 4-connected background: the inside of a ring of 8-connected pixels is a hole
+    ring = torch.zeros(1, 1, 9, 9, dtype=torch.bool)
+    for i in range(9):
+        ring[0, 0, abs(4 - i), i] = ring[0, 0, 8 - abs(4 - i), i] = True
+    assert fill_holes(ring)[0, 0, 4, 4] and fill_holes_torch(ring)[0, 0, 4, 4]
 
 
 def test_otsu_threshold_splits_two_levels() -> None:
