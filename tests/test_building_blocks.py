@@ -190,6 +190,21 @@ def test_choose_k_of_n_and_sample_points() -> None:
     assert points[2].tolist() == [0.0, 0.0], "empty weights fall back to a uniform draw"
 
 
+def test_sample_points_of_a_mask_equal_the_float_cdf_and_share_one_cdf_per_image() -> None:
+    masks = _blobs(4, 37, 29, 0.3, 7).squeeze(1)
+    masks[2] = False  # empty: uniform over the image
+    u = torch.rand(4, 5, generator=gen(8))
+    u[0, 0], u[1, 0] = 0.0, 1 - 2**-24  # the ends of the CDF
+    got = sample_points(masks, u)
+    assert got.shape == (4, 5, 2)
+    for k in range(5):
+        ref = sample_points(masks.float(), u[:, k])  # the float CDF, one point per image
+        assert torch.equal(got[:, k], ref), k
+    y, x = got[..., 0].long(), got[..., 1].long()
+    inside = masks[torch.arange(4).view(4, 1), y, x]
+    assert inside[[0, 1, 3]].all() and got[2, :, 0].unique().numel() > 1
+
+
 def test_sample_at_equals_dense_grid_sample() -> None:
     images = torch.rand(3, 2, 12, 16, generator=gen(4))
     index = torch.tensor([2, 0, 2, 1, 0])
@@ -202,6 +217,11 @@ def test_sample_at_equals_dense_grid_sample() -> None:
         assert torch.allclose(got[n], ref.flatten(), atol=1e-6)
     assert torch.equal(sample_at(images, index.sort().values, sy, sx, presorted=True),
                        sample_at(images, index.sort().values, sy, sx))  # fmt: skip
+    # a non-increasing index is not sorted: each point still comes from its own image
+    down = index.sort(descending=True).values
+    ref = torch.stack([sample_at(images[i : i + 1], torch.zeros(1, dtype=torch.long), sy[n : n + 1], sx[n : n + 1])[0]
+                       for n, i in enumerate(down.tolist())])  # fmt: skip
+    assert torch.equal(sample_at(images, down, sy, sx), ref)
 
 
 def test_rotated_rect_mask_area_and_rotation() -> None:

@@ -59,19 +59,34 @@ def sample_derangement(batch: int, count: int, generator: torch.Generator, devic
 
 
 def sample_points(weights: Tensor, u: Tensor) -> Tensor:
-    """Inverse-CDF sampling of one pixel per sample from non-negative ``weights`` ``[B, H, W]``.
+    """Inverse-CDF sampling of pixels from non-negative ``weights`` ``[B, H, W]``.
 
-    ``u`` holds one uniform draw per sample ``[B]``. Returns float pixel centres ``[B, 2]`` as ``(y, x)``.
-    A sample whose weights are all zero gets a uniformly distributed pixel.
+    ``u`` holds uniform draws ``[B]`` (one pixel per sample) or ``[B, K]`` (``K`` pixels per sample, from one CDF).
+    Returns float pixel centres ``[B, 2]`` (or ``[B, K, 2]``) as ``(y, x)``. A sample whose weights are all zero
+    gets uniformly distributed pixels.
+
+    Bool weights (a mask) are counted in integers: with ``cdf`` integer, ``cdf <= t`` is ``cdf <= floor(t)``, so
+    the pixels are those of the float CDF (exact below ``2**24`` pixels), for a quarter of the memory traffic.
     """
     b, h, w = weights.shape
-    flat = weights.reshape(b, -1).to(torch.float32)
-    empty = flat.sum(1, keepdim=True) <= 0
-    flat = torch.where(empty, torch.ones_like(flat), flat)
-    cdf = flat.cumsum(1)
-    target = (u.to(cdf).unsqueeze(1) * cdf[:, -1:]).contiguous()
-    index = torch.searchsorted(cdf, target, right=True).clamp_max(h * w - 1).squeeze(1)
-    return torch.stack((index // w, index % w), dim=1).to(torch.float32)
+    flat = weights.reshape(b, -1)
+    if flat.dtype == torch.bool and h * w < 2**24:
+        cdf = flat.cumsum(1, dtype=torch.int32)
+        empty = cdf[:, -1:] <= 0
+        total = torch.where(empty, h * w, cdf[:, -1:]).to(torch.float32)
+        target = (u.to(torch.float32).view(b, -1) * total).to(torch.int32)  # truncation: floor, as t >= 0
+        index = torch.searchsorted(cdf, target, right=True)
+        # an empty row stands for all-ones weights, whose CDF is i + 1: the count of entries <= t is t
+        index = torch.where(empty, target.long(), index)
+    else:
+        flat = flat.to(torch.float32)
+        empty = flat.sum(1, keepdim=True) <= 0
+        flat = torch.where(empty, torch.ones_like(flat), flat)
+        cdf = flat.cumsum(1)
+        target = (u.to(cdf).view(b, -1) * cdf[:, -1:]).contiguous()
+        index = torch.searchsorted(cdf, target, right=True)
+    index = index.clamp_max(h * w - 1).view(u.shape)
+    return torch.stack((index // w, index % w), dim=-1).to(torch.float32)
 
 
 def to_grayscale(x: Tensor) -> Tensor:
@@ -270,7 +285,8 @@ def sample_at(
     The points are packed per source image into one ``F.grid_sample`` call (``[B, 1, max count, 2]`` grid), so the
     work is proportional to ``N``, not to the image size, and no per-sample copy of ``images`` is made.
     ``padding_mode`` is ``grid_sample``'s: ``"border"``, ``"reflection"`` or ``"zeros"``. Set ``presorted`` when
-    ``index`` is non-decreasing (as from :func:`mask_pixels`) to skip a sort.
+    ``index`` is non-decreasing (as from :func:`mask_pixels`) to skip a sort; on CPU that is also checked (one pass
+    without a sort), since a stable sort of a sorted index is the identity.
     """
     b, c, h, w = images.shape
     n = index.numel()
@@ -278,7 +294,7 @@ def sample_at(
         return images.new_zeros(0, c)
     counts = torch.bincount(index, minlength=b)
     start = counts.cumsum(0) - counts
-    if presorted:
+    if presorted or (index.device.type == "cpu" and bool((index[1:] >= index[:-1]).all())):
         slot = torch.arange(n, device=index.device) - start[index]
     else:
         order = torch.argsort(index, stable=True)
