@@ -16,6 +16,7 @@ from anomalib_synth import metrics
 from anomalib_synth.synthesizers import SynthesisResult
 from anomalib_synth.synthesizers.ops import (
     binary_dilate,
+    area_majority,
     binary_open_close,
     choose_k_of_n,
     fill_holes,
@@ -162,6 +163,31 @@ def test_fill_holes_equals_scipy_per_image_on_both_routes() -> None:
     for i in range(9):
         ring[0, 0, abs(4 - i), i] = ring[0, 0, 8 - abs(4 - i), i] = True
     assert fill_holes(ring)[0, 0, 4, 4] and fill_holes_torch(ring)[0, 0, 4, 4]
+
+
+def test_area_majority_equals_float_area_interpolation() -> None:
+    for seed, (fy, fx) in enumerate(((2, 2), (3, 2), (4, 4), (1, 3))):
+        m = torch.rand(2, 1, 9 * fy, 7 * fx, generator=gen(seed)) < 0.5
+        ref = F.interpolate(m.float(), size=(9, 7), mode="area") > 0.5
+        assert torch.equal(area_majority(m, (9, 7)), ref), (fy, fx)
+    m = torch.rand(2, 1, 19, 15, generator=gen(9)) < 0.5  # not a multiple: the float route
+    assert torch.equal(area_majority(m, (9, 7)), F.interpolate(m.float(), size=(9, 7), mode="area") > 0.5)
+
+
+def test_reduced_size_foreground_matches_full_size_and_covers_blocks(object_on_background) -> None:
+    from anomalib_synth.synthesizers.placement import upsample_nearest
+
+    images, truth = object_on_background
+    big = F.interpolate(images, scale_factor=3, mode="bilinear", align_corners=False)  # 288 px: step 4
+    full = estimate_foreground(big, work_size=None)
+    fast = estimate_foreground(big)
+    iou = (full & fast).sum((1, 2, 3)).float() / (full | fast).sum((1, 2, 3)).float()
+    assert (iou > 0.95).all()
+    small = torch.rand(2, 1, 5, 4, generator=gen(1)) < 0.5
+    up = upsample_nearest(small, 3, (17, 11))  # a column of blocks cut, the last row of blocks repeated
+    for y, x in ((0, 0), (4, 7), (13, 10), (16, 2)):
+        assert torch.equal(up[:, :, y, x], small[:, :, min(y // 3, 4), min(x // 3, 3)])
+    assert torch.equal(upsample_nearest(small, 3, (15, 12)), small.repeat_interleave(3, -2).repeat_interleave(3, -1))
 
 
 def test_otsu_threshold_splits_two_levels() -> None:

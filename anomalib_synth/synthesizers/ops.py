@@ -192,6 +192,28 @@ def binary_dilate(mask: Tensor, radius: int) -> Tensor:
     return _dilate_axis(_dilate_axis(mask, radius, -1), radius, -2)
 
 
+def area_majority(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """``F.interpolate(mask.float(), size, mode="area") > 0.5`` of a bool ``[B, 1, H, W]`` mask, by counting.
+
+    When ``size`` divides ``(H, W)`` into blocks of at most 64 pixels, the set pixels of each block are counted in
+    ``uint8`` from strided slices (one pass over the mask, no float copy) and compared with half the block: the same
+    decision as the float mean, since a mean of ``count / n`` is above 0.5 exactly when ``2 count > n``. Other sizes
+    take the float route.
+    """
+    h, w = mask.shape[-2:]
+    sh, sw = size
+    fy, fx = h // sh, w // sw
+    if (sh, sw) == (h, w):
+        return mask
+    if fy * sh != h or fx * sw != w or fy * fx > 64:
+        return F.interpolate(mask.float(), size=size, mode="area") > 0.5
+    count = torch.zeros(*mask.shape[:-2], sh, sw, dtype=torch.uint8, device=mask.device)
+    for dy in range(fy):
+        for dx in range(fx):
+            count += mask[..., dy::fy, dx::fx]
+    return count * 2 > fy * fx
+
+
 def binary_open_close(mask: Tensor, radius: int) -> Tensor:
     """Morphological opening then closing of a bool ``[B, 1, H, W]`` mask with a square of side ``2r+1``.
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from ..io import load_texture_bank
 from .base import Params, SynthesisResult, Synthesizer
 from .ops import (
+    area_majority,
     choose_k_of_n,
     color_matrix,
     mask_pixels,
@@ -291,7 +292,7 @@ class PerlinSynthesizer(Synthesizer):
         noise = self._noise(params, size)
         candidates = noise
         if fg is not None:
-            fg_small = F.interpolate(fg.float(), size=noise.shape[-2:], mode="area") > 0.5
+            fg_small = area_majority(fg, noise.shape[-2:])
             candidates = noise.masked_fill(~fg_small, float("-inf"))
         candidates = candidates.flatten(1)
         n_pixels = candidates.shape[1]

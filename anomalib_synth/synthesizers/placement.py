@@ -52,12 +52,40 @@ def otsu_threshold(values: Tensor, bins: int = 256) -> Tensor:
     return levels[between.argmax(1)]
 
 
-def estimate_foreground(images: Tensor, border_agreement: float = 0.9, min_fraction: float = 0.01) -> Tensor:
-    """Estimate bool foreground masks ``[B, 1, H, W]`` of ``images`` ``[B, C, H, W]`` in ``[0, 1]`` (see module doc)."""
+def estimate_foreground(
+    images: Tensor, border_agreement: float = 0.9, min_fraction: float = 0.01, work_size: int | None = 64
+) -> Tensor:
+    """Estimate bool foreground masks ``[B, 1, H, W]`` of ``images`` ``[B, C, H, W]`` in ``[0, 1]`` (see module doc).
+
+    The estimate is made on every ``s``-th pixel (``s = min(H, W) // work_size``; a short side of about
+    ``work_size`` px) and each of its pixels stands for an ``s x s`` block, so its cost hardly grows with the image size. ``work_size=None``
+    works at full size.
+    """
     b, _, h, w = images.shape
-    x = images.float()
+    step = 1 if work_size is None else max(1, min(h, w) // work_size)
+    if step == 1:
+        return _estimate_foreground(images.float(), border_agreement, min_fraction)
+    small = images[..., step // 2 :: step, step // 2 :: step].float()
+    fg = _estimate_foreground(small, border_agreement, min_fraction)
+    return upsample_nearest(fg, step, (h, w))
+
+
+def upsample_nearest(mask: Tensor, step: int, size: tuple[int, int]) -> Tensor:
+    """Blow a mask sampled at every ``step``-th pixel up to ``size``: each sample covers a ``step x step`` block (the
+    last row and column of blocks are cut or repeated to fit)."""
+    h, w = size
+    blocks = mask.repeat_interleave(step, -2).repeat_interleave(step, -1)
+    if blocks.shape[-2:] == (h, w):
+        return blocks
+    rows = torch.arange(h, device=mask.device).div_(step, rounding_mode="floor").clamp_max_(mask.shape[-2] - 1)
+    cols = torch.arange(w, device=mask.device).div_(step, rounding_mode="floor").clamp_max_(mask.shape[-1] - 1)
+    return mask.index_select(-2, rows).index_select(-1, cols)
+
+
+def _estimate_foreground(x: Tensor, border_agreement: float, min_fraction: float) -> Tensor:
+    b, _, h, w = x.shape
     bg = _border(x).median(dim=-1).values  # [B, C]
-    dist = (x - bg[:, :, None, None]).abs().amax(1, keepdim=True)  # [B, 1, H, W]
+    dist = (x - bg[:, :, None, None]).abs_().amax(1, keepdim=True)  # [B, 1, H, W]
     scale = dist.flatten(1).amax(1).clamp_min(1e-6).view(b, 1, 1, 1)
     norm = dist / scale
     thr = otsu_threshold(norm.flatten(1)).view(b, 1, 1, 1)
@@ -98,4 +126,4 @@ def sample_centres(
     if fg is None:
         return rand((b, count, 2), generator, device) * torch.tensor([h, w], device=device, dtype=torch.float32)
     u = rand((b * count,), generator, device)
-    return sample_points(fg.squeeze(1).repeat_interleave(count, 0), u).view(b, count, 2) + 0.5
+    return sample_points(fg.squeeze(1), u.view(b, count)) + 0.5  # one CDF per image for its ``count`` centres
