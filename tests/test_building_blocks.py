@@ -278,3 +278,26 @@ def test_metrics_on_crafted_values() -> None:
     assert metrics.mask_agreement(result, images).tolist() == pytest.approx([1.0, 25 / 60])
     summary = metrics.summarize(result, images)
     assert summary["anomalous"] == 1.0 and summary["mask_area"] == pytest.approx(0.5)
+
+
+def test_background_pasted_on_an_object_on_plain_background() -> None:
+    background = torch.tensor([0.9, 0.8, 0.7]).view(3, 1, 1)
+    image = background.expand(3, 20, 20).clone()
+    image[:, 0, :3] = 0.0  # a few dark border pixels: the median ignores them, a mean would not
+    image[:, 0, 17:] = 0.0
+    image[:, 3:18, 3:18] = torch.tensor([0.2, 0.3, 0.1]).view(3, 1, 1)  # the object: most of the image
+    images = torch.stack((image, image))
+    masks = torch.zeros(2, 1, 20, 20, dtype=torch.bool)
+    masks[0, 0, 2:12, 2:12] = True  # the object's corner and a strip of background
+    out = images.clone()
+    out[0, :, 4:6, 4:10] = background + 0.03  # 12 px: background pasted onto the object (within tolerance)
+    out[0, :, 6:8, 4:10] = 0.5  # 12 px: changed, not to the background colour
+    out[0, :, 8, 4:10] = torch.tensor([0.9, 0.8, 0.8]).view(3, 1)  # 6 px: one channel 0.1 off: not background
+    out[0, 0, 9, 4:10] += 2 / 255  # 6 px: one channel changed by more than tau: changed
+    out[0, :, 10, 4:10] += 0.5 / 255  # 6 px: changed by less than tau: not counted
+    out[0, :, 2, 2:12] = background.view(3, 1) + 0.02  # 10 px: background already, changed a little: not pasted
+    out[0, :, 14, 8] = background.flatten()  # outside the mask: not counted
+    result = _result(images, out, masks)
+    expected = 12 / (12 + 12 + 6 + 6 + 10)
+    assert metrics.background_pasted(result, images).tolist() == pytest.approx([expected, 0.0])
+    assert metrics.summarize(result, images)["background_pasted"] == pytest.approx(expected)

@@ -37,6 +37,11 @@ def _border(x: Tensor) -> Tensor:
     return torch.cat((x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]), dim=-1)
 
 
+def border_median(images: Tensor) -> Tensor:
+    """The background colour of each image: the median of its 1-pixel border, ``[B, C]``."""
+    return _border(images).median(dim=-1).values
+
+
 def otsu_threshold(values: Tensor, bins: int = 256) -> Tensor:
     """Per-sample Otsu threshold of ``values`` ``[B, N]`` in ``[0, 1]``; returns ``[B]``."""
     b = values.shape[0]
@@ -84,7 +89,7 @@ def upsample_nearest(mask: Tensor, step: int, size: tuple[int, int]) -> Tensor:
 
 def _estimate_foreground(x: Tensor, border_agreement: float, min_fraction: float) -> Tensor:
     b, _, h, w = x.shape
-    bg = _border(x).median(dim=-1).values  # [B, C]
+    bg = border_median(x)  # [B, C]
     dist = (x - bg[:, :, None, None]).abs_().amax(1, keepdim=True)  # [B, 1, H, W]
     scale = dist.flatten(1).amax(1).clamp_min(1e-6).view(b, 1, 1, 1)
     norm = dist / scale
