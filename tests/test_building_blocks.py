@@ -301,3 +301,24 @@ def test_background_pasted_on_an_object_on_plain_background() -> None:
     expected = 12 / (12 + 12 + 6 + 6 + 10)
     assert metrics.background_pasted(result, images).tolist() == pytest.approx([expected, 0.0])
     assert metrics.summarize(result, images)["background_pasted"] == pytest.approx(expected)
+
+
+def test_sample_source_centres_where_the_patch_fits_on_the_foreground() -> None:
+    from anomalib_synth.synthesizers.placement import sample_source_centres
+
+    fg = torch.zeros(4, 1, 64, 64, dtype=torch.bool)
+    fg[:2, :, :4] = True  # a strip along the top border: no patch of half-side 10 fits there
+    fg[0, :, 60:] = True  # and along the bottom
+    fg[0, :, 40:44, 20:24] = True  # ... but it fits on this block
+    fg[3] = True  # a texture
+    k = 50
+    source = torch.arange(4).view(4, 1).expand(4, k)
+    half = torch.full((4, k, 2), 10.0)
+    u = torch.rand(4, k, 2, generator=gen(3))
+    centres = sample_source_centres(fg, source, half, u)
+    assert ((centres[0] >= torch.tensor([40, 20])) & (centres[0] < torch.tensor([44, 24]))).all()
+    assert (centres[1, :, 0] < 4).all(), "fits nowhere on the foreground: anywhere on it"
+    anywhere = half + u * (64 - 2 * half)
+    assert torch.equal(centres[2:], anywhere[2:]), "empty or whole foreground: uniform where the patch fits"
+    donor = sample_source_centres(fg, torch.zeros(4, k, dtype=torch.long), half, u)
+    assert ((donor >= torch.tensor([40, 20])) & (donor < torch.tensor([44, 24]))).all(), "the donor's foreground"

@@ -13,6 +13,11 @@ Departures from the paper, and why:
     - The normal mode may rotate too (``rotation``; default ``(-45, 45)`` for both modes); set ``(0, 0)`` for the
       paper's axis-aligned patches.
     - Several patches per image (``num_defects``) and foreground-limited placement are options.
+    - With a foreground (``foreground="auto"``, the default, or ``fg_masks``), the patch is taken from the
+      foreground too (``source_foreground``): its centre is drawn there, and the pixels whose source is background
+      are left out of the defect. Otherwise a patch cut from anywhere pastes plain background onto the object (on
+      MVTec bottle, white bars on a dark bottle: 20 % of scar pixels, 10 % of cutpaste pixels; now 0 %,
+      ``benchmarks/background_pasted.py``).
     - Target pixels are sampled from the rotated source frame with bilinear interpolation; the mask is the exact
       rasterised rectangle, so pixels outside it are never touched.
 """
@@ -37,9 +42,16 @@ from .ops import (
     to_local,
     uniform,
 )
-from .placement import DEFAULT_FOREGROUND, check_foreground_mode, resolve_foreground, sample_centres
+from .placement import (
+    DEFAULT_FOREGROUND,
+    check_foreground_mode,
+    resolve_foreground,
+    sample_centres,
+    sample_source_centres,
+    source_foreground,
+)
 from .registry import register
-from .validation import check_choice, check_int_range, check_range
+from .validation import check_bool, check_choice, check_int_range, check_range
 
 SOURCES = ("same", "other", "any")
 MODES = ("normal", "scar")
@@ -79,6 +91,9 @@ class CutPasteSynthesizer(Synthesizer):
         foreground (str, optional): ``"none"`` or ``"auto"``; patch centres are drawn inside the foreground and the
             mask is cut to it. Defaults to ``"auto"``
             (:data:`~anomalib_synth.synthesizers.placement.DEFAULT_FOREGROUND`).
+        source_foreground (bool, optional): with a foreground (``"auto"`` or ``fg_masks``), take the patch from the
+            foreground of its source image too: its centre is drawn there and pixels whose source is background are
+            left out of the mask. ``False`` cuts it from anywhere in the image. Defaults to ``True``.
     """
 
     description = "CutPaste (normal or scar): a jittered, rotated patch of the same or another image pasted elsewhere"
@@ -97,6 +112,7 @@ class CutPasteSynthesizer(Synthesizer):
         jitter: float = 0.1,
         num_defects: tuple[int, int] = (1, 1),
         foreground: str = DEFAULT_FOREGROUND,
+        source_foreground: bool = True,
     ) -> None:
         super().__init__()
         self.mode = check_choice("mode", mode, MODES)
@@ -112,6 +128,7 @@ class CutPasteSynthesizer(Synthesizer):
         self.jitter = float(jitter)
         self.num_defects = check_int_range("num_defects", num_defects, 1, 64)
         self.foreground = check_foreground_mode(foreground)
+        self.source_foreground = check_bool("source_foreground", source_foreground)
 
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
         b, _, h, w = images.shape
@@ -133,7 +150,7 @@ class CutPasteSynthesizer(Synthesizer):
         size = torch.stack((height, width), -1)
         half = size / 2
         limit = torch.tensor([h, w], device=device, dtype=torch.float32)
-        source_centre = half + rand((b, k, 2), generator, device) * (limit - size)
+        u_source = rand((b, k, 2), generator, device)
         jitter = uniform(-self.jitter, self.jitter, (b, k, 4), generator, device)
         params = {
             "num_defects": randint(*self.num_defects, (b,), generator, device),
@@ -142,11 +159,13 @@ class CutPasteSynthesizer(Synthesizer):
             "width": width,
             "angle": uniform(*self.rotation, shape, generator, device),
             "centre": centre,
-            "source_centre": source_centre,
+            "source_centre": half + u_source * (limit - size),
             "jitter": jitter,
         }
         if fg is not None:
             params["fg"] = fg
+            if self.source_foreground:
+                params["source_centre"] = sample_source_centres(fg, params["source_index"], half, u_source)
         return params
 
     def apply(self, images: Tensor, params: Params) -> SynthesisResult:
@@ -157,6 +176,7 @@ class CutPasteSynthesizer(Synthesizer):
         luma = mean_luma(x)
         jitter = params["jitter"].to(x)
         fg = params.get("fg")
+        source_fg = source_foreground(fg) if fg is not None and self.source_foreground else None
         for k in range(params["source_index"].shape[1]):
             centre = params["centre"][:, k].to(x)
             angle = torch.deg2rad(params["angle"][:, k].to(x))
@@ -169,7 +189,12 @@ class CutPasteSynthesizer(Synthesizer):
             uy, ux = to_local(y.to(x) + 0.5, xx.to(x) + 0.5, centre[n], angle[n])
             source = params["source_index"][:, k]
             src = params["source_centre"][:, k].to(x)[n]
-            values = sample_at(x, source[n], src[:, 0] + uy, src[:, 1] + ux)
+            sy, sx = src[:, 0] + uy, src[:, 1] + ux
+            if source_fg is not None:  # leave out the pixels whose source is background
+                keep = source_fg[source[n], 0, sy.long().clamp(0, h - 1), sx.long().clamp(0, w - 1)]
+                inside[n[~keep], 0, y[~keep], xx[~keep]] = False
+                n, y, xx, sy, sx = n[keep], y[keep], xx[keep], sy[keep], sx[keep]
+            values = sample_at(x, source[n], sy, sx)
             jit = jitter[:, k]
             out[n, :, y, xx] = jitter_pixels(
                 values, n, 1 + jit[:, 0], 1 + jit[:, 1], 1 + jit[:, 2], jit[:, 3] * math.pi, luma[source]

@@ -132,3 +132,35 @@ def sample_centres(
         return rand((b, count, 2), generator, device) * torch.tensor([h, w], device=device, dtype=torch.float32)
     u = rand((b * count,), generator, device)
     return sample_points(fg.squeeze(1), u.view(b, count)) + 0.5  # one CDF per image for its ``count`` centres
+
+
+def sample_source_centres(fg: Tensor, source: Tensor, half: Tensor, u: Tensor) -> Tensor:
+    """Centres ``[B, K, 2]`` (``(y, x)`` pixels) of source patches inside the foreground of their images.
+
+    Patch ``(b, k)`` of half-sides ``half[b, k]`` (``(y, x)`` pixels) comes from image ``source[b, k]``, with two
+    uniform draws ``u[b, k]``. Its centre is the pixel centre drawn (inverse-CDF, from ``u[b, k, 0]``) from that
+    image's foreground pixels where the patch fits inside the image; if the patch fits nowhere on the foreground,
+    from the whole foreground. A source whose foreground is the whole image (a texture), or empty
+    (:func:`source_foreground`), gets ``half + u * (size - 2 half)``: uniform where the patch fits, as without a
+    foreground.
+    """
+    b, _, h, w = fg.shape
+    k = source.shape[1]
+    limit = torch.tensor([h, w], device=half.device, dtype=half.dtype)
+    anywhere = half + u * (limit - 2 * half)
+    ys = torch.arange(h, device=fg.device, dtype=torch.float32) + 0.5
+    xs = torch.arange(w, device=fg.device, dtype=torch.float32) + 0.5
+    hy, hx = half[..., 0].reshape(-1, 1).to(ys), half[..., 1].reshape(-1, 1).to(xs)
+    fits = ((ys >= hy) & (ys <= h - hy)).unsqueeze(2) & ((xs >= hx) & (xs <= w - hx)).unsqueeze(1)  # [BK, H, W]
+    region = source_foreground(fg)[source.reshape(-1), 0]
+    inside = region & fits
+    weights = torch.where(inside.flatten(1).any(1).view(-1, 1, 1), inside, region)
+    drawn = sample_points(weights, u[..., 0].reshape(-1)).view(b, k, 2).to(anywhere) + 0.5
+    whole = region.flatten(1).all(1).view(b, k, 1)
+    return torch.where(whole, anywhere, drawn)
+
+
+def source_foreground(fg: Tensor) -> Tensor:
+    """The foreground patches are taken from: ``fg``, or the whole image where ``fg`` is empty (so that a sample
+    whose own foreground is set never loses its defect to a donor without one)."""
+    return fg | ~fg.flatten(1).any(1).view(-1, 1, 1, 1)
