@@ -47,8 +47,8 @@ from .placement import (
     check_foreground_mode,
     resolve_foreground,
     sample_centres,
+    partial_foreground,
     sample_source_centres,
-    source_foreground,
 )
 from .registry import register
 from .validation import check_bool, check_choice, check_int_range, check_range
@@ -165,7 +165,8 @@ class CutPasteSynthesizer(Synthesizer):
         if fg is not None:
             params["fg"] = fg
             if self.source_foreground:
-                params["source_centre"] = sample_source_centres(fg, params["source_index"], half, u_source)
+                params["fg_partial"] = partial = partial_foreground(fg)
+                params["source_centre"] = sample_source_centres(fg, params["source_index"], half, u_source, partial)
         return params
 
     def apply(self, images: Tensor, params: Params) -> SynthesisResult:
@@ -176,7 +177,9 @@ class CutPasteSynthesizer(Synthesizer):
         luma = mean_luma(x)
         jitter = params["jitter"].to(x)
         fg = params.get("fg")
-        source_fg = source_foreground(fg) if fg is not None and self.source_foreground else None
+        restrict = params.get("fg_partial") if fg is not None and self.source_foreground else None
+        if fg is not None and self.source_foreground and restrict is None:
+            restrict = partial_foreground(fg)
         for k in range(params["source_index"].shape[1]):
             centre = params["centre"][:, k].to(x)
             angle = torch.deg2rad(params["angle"][:, k].to(x))
@@ -190,9 +193,11 @@ class CutPasteSynthesizer(Synthesizer):
             source = params["source_index"][:, k]
             src = params["source_centre"][:, k].to(x)[n]
             sy, sx = src[:, 0] + uy, src[:, 1] + ux
-            if source_fg is not None:  # leave out the pixels whose source is background
-                keep = source_fg[source[n], 0, sy.long().clamp(0, h - 1), sx.long().clamp(0, w - 1)]
-                inside[n[~keep], 0, y[~keep], xx[~keep]] = False
+            if restrict is not None:  # leave out the pixels whose source is background
+                donor = source[n]
+                keep = ~restrict[donor] | fg[donor, 0, sy.long().clamp(0, h - 1), sx.long().clamp(0, w - 1)]
+                drop = ~keep
+                inside[n[drop], 0, y[drop], xx[drop]] = False
                 n, y, xx, sy, sx = n[keep], y[keep], xx[keep], sy[keep], sx[keep]
             values = sample_at(x, source[n], sy, sx)
             jit = jitter[:, k]

@@ -39,8 +39,8 @@ from .placement import (
     check_foreground_mode,
     resolve_foreground,
     sample_centres,
+    partial_foreground,
     sample_source_centres,
-    source_foreground,
 )
 from .poisson import seamless_clone
 from .registry import register
@@ -125,7 +125,8 @@ class NSASynthesizer(Synthesizer):
         if fg is not None:
             params["fg"] = fg
             if self.source_foreground:
-                params["source_centre"] = sample_source_centres(fg, source_index, size / 2, u_source)
+                params["fg_partial"] = partial = partial_foreground(fg)
+                params["source_centre"] = sample_source_centres(fg, source_index, size / 2, u_source, partial)
         return params
 
     def window_size(self, h: int, w: int) -> tuple[int, int]:
@@ -144,7 +145,11 @@ class NSASynthesizer(Synthesizer):
         out = x.clone()
         mask = torch.zeros(b, 1, h, w, dtype=torch.bool, device=x.device)
         fg = params.get("fg")
-        source_fg = source_foreground(fg).to(x) if fg is not None and self.source_foreground else None
+        source_fg = restrict = None
+        if fg is not None and self.source_foreground:
+            restrict = params.get("fg_partial")
+            restrict = partial_foreground(fg) if restrict is None else restrict  # empty or whole: no restriction
+            source_fg = (fg | ~restrict.view(b, 1, 1, 1)).to(x) if bool(restrict.any()) else None
         for k in range(params["source_index"].shape[1]):
             centre = params["centre"][:, k].to(x)
             top = (centre[:, 0].round().long() - sh // 2).clamp(0, h - sh)
@@ -171,7 +176,7 @@ class NSASynthesizer(Synthesizer):
             region = (local.abs() <= half).all(-1).unsqueeze(1) & inner & active
             if fg is not None:
                 region &= fg.view(b, 1, h * w).gather(2, window).view(b, 1, sh, sw)
-            if source_fg is not None:  # leave out the pixels whose source is the donor's background
+            if source_fg is not None and bool(restrict[source].any()):  # leave out what comes from background
                 region &= F.grid_sample(source_fg, permuted, mode="nearest", padding_mode="border",
                                         align_corners=False)[source] > 0.5  # fmt: skip
             blended = seamless_clone(dst, src, region, self.sweeps)

@@ -309,7 +309,11 @@ class PerlinSynthesizer(Synthesizer):
         threshold = threshold.view(-1, 1, 1, 1)
         if fg is None:
             return noise >= threshold
-        # the threshold was found on the small map: never let it exceed the best full-size foreground pixel
+        # the threshold was found on the small map: never let it exceed the best full-size foreground pixel (only
+        # needed where no foreground pixel reaches it, so that pass is skipped when all do)
+        mask = (noise >= threshold) & fg
+        if bool(mask.flatten(1).any(1).all()):
+            return mask
         best = noise.masked_fill(~fg, float("-inf")).amax(dim=(1, 2, 3), keepdim=True)
         return (noise >= torch.minimum(threshold, best)) & fg
 

@@ -134,33 +134,39 @@ def sample_centres(
     return sample_points(fg.squeeze(1), u.view(b, count)) + 0.5  # one CDF per image for its ``count`` centres
 
 
-def sample_source_centres(fg: Tensor, source: Tensor, half: Tensor, u: Tensor) -> Tensor:
+def sample_source_centres(
+    fg: Tensor, source: Tensor, half: Tensor, u: Tensor, partial: Tensor | None = None
+) -> Tensor:
     """Centres ``[B, K, 2]`` (``(y, x)`` pixels) of source patches inside the foreground of their images.
 
     Patch ``(b, k)`` of half-sides ``half[b, k]`` (``(y, x)`` pixels) comes from image ``source[b, k]``, with two
     uniform draws ``u[b, k]``. Its centre is the pixel centre drawn (inverse-CDF, from ``u[b, k, 0]``) from that
     image's foreground pixels where the patch fits inside the image; if the patch fits nowhere on the foreground,
-    from the whole foreground. A source whose foreground is the whole image (a texture), or empty
-    (:func:`source_foreground`), gets ``half + u * (size - 2 half)``: uniform where the patch fits, as without a
-    foreground.
+    from the whole foreground. A source whose foreground is the whole image (a texture) or empty gets
+    ``half + u * (size - 2 half)``: uniform where the patch fits, as without a foreground. ``partial`` is
+    :func:`partial_foreground` of ``fg``, if already known.
     """
     b, _, h, w = fg.shape
-    k = source.shape[1]
     limit = torch.tensor([h, w], device=half.device, dtype=half.dtype)
-    anywhere = half + u * (limit - 2 * half)
+    centres = half + u * (limit - 2 * half)
+    on_object = (partial_foreground(fg) if partial is None else partial)[source]  # [B, K]: sources with an object on a background
+    if not bool(on_object.any()):
+        return centres
+    pick = on_object.nonzero(as_tuple=True)
     ys = torch.arange(h, device=fg.device, dtype=torch.float32) + 0.5
     xs = torch.arange(w, device=fg.device, dtype=torch.float32) + 0.5
-    hy, hx = half[..., 0].reshape(-1, 1).to(ys), half[..., 1].reshape(-1, 1).to(xs)
-    fits = ((ys >= hy) & (ys <= h - hy)).unsqueeze(2) & ((xs >= hx) & (xs <= w - hx)).unsqueeze(1)  # [BK, H, W]
-    region = source_foreground(fg)[source.reshape(-1), 0]
+    hy, hx = half[pick][:, :1].to(ys), half[pick][:, 1:].to(xs)
+    fits = ((ys >= hy) & (ys <= h - hy)).unsqueeze(2) & ((xs >= hx) & (xs <= w - hx)).unsqueeze(1)  # [N, H, W]
+    region = fg[source[pick], 0]
     inside = region & fits
     weights = torch.where(inside.flatten(1).any(1).view(-1, 1, 1), inside, region)
-    drawn = sample_points(weights, u[..., 0].reshape(-1)).view(b, k, 2).to(anywhere) + 0.5
-    whole = region.flatten(1).all(1).view(b, k, 1)
-    return torch.where(whole, anywhere, drawn)
+    centres[pick] = sample_points(weights, u[pick][:, 0]).to(centres) + 0.5
+    return centres
 
 
-def source_foreground(fg: Tensor) -> Tensor:
-    """The foreground patches are taken from: ``fg``, or the whole image where ``fg`` is empty (so that a sample
-    whose own foreground is set never loses its defect to a donor without one)."""
-    return fg | ~fg.flatten(1).any(1).view(-1, 1, 1, 1)
+def partial_foreground(fg: Tensor) -> Tensor:
+    """Bool ``[B]``: images whose foreground is neither empty nor the whole image (an object on a background), the
+    ones patches are restricted to. An empty foreground stands for the whole image, so that a sample whose own
+    foreground is set never loses its defect to a donor without one."""
+    flat = fg.flatten(1)
+    return flat.any(1) & ~flat.all(1)
