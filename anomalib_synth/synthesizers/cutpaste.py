@@ -33,11 +33,9 @@ from .base import Params, SynthesisResult, Synthesizer
 from .ops import (
     jitter_pixels,
     log_uniform,
-    mask_pixels,
     mean_luma,
     rand,
     randint,
-    rotated_rect_mask,
     sample_at,
     to_local,
     uniform,
@@ -184,11 +182,7 @@ class CutPasteSynthesizer(Synthesizer):
             centre = params["centre"][:, k].to(x)
             angle = torch.deg2rad(params["angle"][:, k].to(x))
             half = torch.stack((params["height"][:, k], params["width"][:, k]), -1).to(x) / 2
-            inside = rotated_rect_mask((h, w), centre, half, angle)
-            inside &= (params["num_defects"] > k).view(b, 1, 1, 1)
-            if fg is not None:
-                inside &= fg
-            n, y, xx = mask_pixels(inside)
+            n, y, xx = rect_pixels((h, w), centre, half, angle, params["num_defects"] > k, fg)
             uy, ux = to_local(y.to(x) + 0.5, xx.to(x) + 0.5, centre[n], angle[n])
             source = params["source_index"][:, k]
             src = params["source_centre"][:, k].to(x)[n]
@@ -196,13 +190,39 @@ class CutPasteSynthesizer(Synthesizer):
             if restrict is not None:  # leave out the pixels whose source is background
                 donor = source[n]
                 keep = ~restrict[donor] | fg[donor, 0, sy.long().clamp(0, h - 1), sx.long().clamp(0, w - 1)]
-                drop = ~keep
-                inside[n[drop], 0, y[drop], xx[drop]] = False
                 n, y, xx, sy, sx = n[keep], y[keep], xx[keep], sy[keep], sx[keep]
             values = sample_at(x, source[n], sy, sx)
             jit = jitter[:, k]
             out[n, :, y, xx] = jitter_pixels(
                 values, n, 1 + jit[:, 0], 1 + jit[:, 1], 1 + jit[:, 2], jit[:, 3] * math.pi, luma[source]
             )
-            mask |= inside
+            mask[n, 0, y, xx] = True
         return self._result(images, out, mask, params, self._param_keys)
+
+
+def rect_pixels(
+    size: tuple[int, int], centre: Tensor, half: Tensor, angle: Tensor, active: Tensor, fg: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices ``(b, y, x)`` (row-major per sample) of the pixels of :func:`rotated_rect_mask` in the samples
+    ``active`` ``[B]``, inside ``fg`` if given.
+
+    The same test as :func:`rotated_rect_mask` (so the same pixels), evaluated only in a window around each
+    rectangle: its bounding box, as large as the largest of the batch, plus a pixel of margin.
+    """
+    h, w = size
+    b = centre.shape[0]
+    cos, sin = torch.cos(angle).abs(), torch.sin(angle).abs()
+    extent = torch.stack((half[:, 0] * cos + half[:, 1] * sin, half[:, 0] * sin + half[:, 1] * cos), -1)
+    reach = extent.amax(0).ceil().long().tolist() if b else [0, 0]
+    sh, sw = min(h, 2 * reach[0] + 3), min(w, 2 * reach[1] + 3)
+    top = (centre[:, 0].floor().long() - reach[0] - 1).clamp(0, h - sh)
+    left = (centre[:, 1].floor().long() - reach[1] - 1).clamp(0, w - sw)
+    ys = top.view(b, 1, 1) + torch.arange(sh, device=centre.device).view(1, sh, 1)
+    xs = left.view(b, 1, 1) + torch.arange(sw, device=centre.device).view(1, 1, sw)
+    view = (-1, 1, 1)
+    uy, ux = to_local(ys.to(centre) + 0.5, xs.to(centre) + 0.5, centre.view(-1, 1, 1, 2), angle.view(view))
+    inside = (uy.abs() <= half[:, 0].view(view)) & (ux.abs() <= half[:, 1].view(view)) & active.view(view)
+    if fg is not None:
+        inside &= fg.view(b, h * w).gather(1, (ys * w + xs).view(b, -1)).view(b, sh, sw)
+    n, wy, wx = inside.nonzero(as_tuple=True)
+    return n, top[n] + wy, left[n] + wx
