@@ -1,7 +1,8 @@
 """Throughput of the classical synthesizers vs anomalib's ``PerlinAnomalyGenerator``, measured in one run.
 
     python benchmarks/classical_throughput.py [--data-root ../shared/data/mvtec_ad/bottle/train/good]
-        [--device cpu] [--batch 32] [--size 256] [--repeats 7] [--synthesizers perlin,cutpaste,scar,nsa] [--quick]
+        [--device cpu] [--batch 32] [--size 256] [--repeats 7] [--synthesizers perlin,cutpaste,scar,nsa]
+        [--threads N] [--quick]
 
 For each batch (real photos: scikit-image's shipped photos, or ``--data-root``'s images; and uniform random
 images), prints images/second per synthesizer at its default arguments (median over ``--repeats`` timed calls
@@ -94,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--synthesizers", default=",".join(classical()))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--quick", action="store_true", help="batch 4 at 64 px, one repeat: a smoke run")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.batch, args.size, args.repeats = 4, 64, 1
     names = args.synthesizers.split(",")
