@@ -9,6 +9,9 @@ All functions return one value per sample (``[B]``) so that they can be aggregat
   channels). Near 0 means the "anomaly" is invisible and the label is noise.
 - :func:`mask_agreement`: IoU between the changed pixels (``max over channels |change| > tau``) and the mask. Near 1
   means the mask covers what changed and nothing else.
+- :func:`background_pasted`: the fraction of changed pixels inside the mask that now have the colour of the plain
+  background (the median of the image's 1-pixel border) and did not before: background pasted onto the object, as
+  white bars on a dark bottle. No real defect looks like that. Near 0 on objects is what to expect.
 
 Generation-quality figures of a set of generated images against real anomalous images (the ones the diffusion
 papers report): :func:`inception_score` and :func:`kernel_inception_distance` (torchmetrics; Inception weights),
@@ -64,16 +67,51 @@ def mask_agreement(result: SynthesisResult, images: Tensor, tau: float = 1 / 255
     return torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
 
 
+BACKGROUND_TOLERANCE = 0.05
+"""How close (max over channels, intensity in ``[0, 1]``) a pixel must be to the border's median colour to count as
+having the background's colour in :func:`background_pasted`."""
+
+
+def background_pasted_counts(
+    result: SynthesisResult, images: Tensor, tau: float = 1 / 255, tolerance: float = BACKGROUND_TOLERANCE
+) -> tuple[Tensor, Tensor]:
+    """Per sample ``[B]``: ``(pasted, changed)`` pixel counts of :func:`background_pasted`."""
+    from .synthesizers.placement import border_median
+
+    change = _change(result, images).amax(1, keepdim=True)
+    changed = (change > tau) & (result.masks > 0.5)
+    colour = border_median(images.float())[:, :, None, None]  # [B, C, 1, 1]
+    was = (images.float() - colour).abs().amax(1, keepdim=True) <= tolerance
+    now = (result.images.float() - colour).abs().amax(1, keepdim=True) <= tolerance
+    pasted = changed & now & ~was
+    return pasted.sum((1, 2, 3)), changed.sum((1, 2, 3))
+
+
+def background_pasted(
+    result: SynthesisResult, images: Tensor, tau: float = 1 / 255, tolerance: float = BACKGROUND_TOLERANCE
+) -> Tensor:
+    """Fraction of the changed pixels inside the mask (``max_c |change| > tau``) whose colour is now the background's
+    (within ``tolerance`` of the median of the input's 1-pixel border, max over channels) and was not before
+    (0 when nothing changed). On an object photographed on a plain background, that is background pasted onto the
+    object."""
+    pasted, changed = background_pasted_counts(result, images, tau, tolerance)
+    return pasted.float() / changed.clamp_min(1).float()
+
+
 def summarize(result: SynthesisResult, images: Tensor, tau: float = 1 / 255) -> dict[str, float]:
-    """Batch means of the three figures, plus the anomalous fraction and the mean mask area."""
+    """Batch means of the three figures, plus the anomalous fraction, the mean mask area, and the fraction of the
+    batch's changed pixels that are background pasted onto the object (:func:`background_pasted`, pooled over the
+    batch)."""
     psnr = background_psnr(result, images)
     finite = psnr[psnr.isfinite()]
+    pasted, changed = background_pasted_counts(result, images, tau)
     return {
         "anomalous": float(result.labels.float().mean()),
         "mask_area": float(result.masks.mean()),
         "background_psnr": float(finite.mean()) if finite.numel() else math.inf,
         "visibility": float(anomaly_visibility(result, images).mean()),
         "mask_iou": float(mask_agreement(result, images, tau).mean()),
+        "background_pasted": float(pasted.sum() / changed.sum().clamp_min(1)),
     }
 
 

@@ -6,6 +6,7 @@ new process. The resumed entry must be identical, file by file, to an uninterrup
 (a manifest line whose files are missing or unreadable, a file that differs, a stray temporary file).
 
     python benchmarks/cache_kill_test.py --kills 20
+    python benchmarks/cache_kill_test.py --quick      # 2 kills on 3 images x 2 variants at 64 px (a smoke run)
 
 Prints one line per round and a summary; exits 1 if any round differs. Uses scikit-image's photos (no data needed).
 """
@@ -114,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthesizer", default="nsa")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill points")
     parser.add_argument("--time-limit", type=float, default=3600, help="seconds; stop starting new rounds after it")
+    parser.add_argument("--quick", action="store_true", help="2 kills, 3 images x 2 variants at 64 px")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.kills, args.images, args.variants, args.size = 2, 3, 2, 64
     total = args.images * args.variants
     rng = random.Random(args.seed)
     began = time.perf_counter()

@@ -2,6 +2,7 @@
 
     python benchmarks/xfusion_tiny_train.py --data-root ../shared/data/mvtec_ad \
         --captions ../shared/data/mvtec_caption/mvtec_ad_caption.json --categories bottle,grid --steps 300
+    python benchmarks/xfusion_tiny_train.py --quick    # 3 steps on bottle, a smoke run
 
 This proves that real images, masks and captions flow through training (``anomalib-synth train xfusion``), that the
 loss falls, and that the trained adapter samples through ``XFusionSynthesizer``. It cannot show image quality:
@@ -28,7 +29,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--output", default="results/xfusion_tiny")
+    parser.add_argument("--quick", action="store_true", help="3 steps on bottle, into a temporary folder (a smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        if not Path(args.data_root, "bottle").is_dir():
+            print(f"skipped: no MVTec AD bottle under {args.data_root}")
+            return
+        args.categories, args.steps, args.batch_size, args.image_size = "bottle", 3, 2, 32
+        args.output = tempfile.mkdtemp(prefix="xfusion-tiny-quick-")
 
     import matplotlib
 

@@ -15,7 +15,12 @@ from conftest import gen
 from anomalib_synth import metrics
 from anomalib_synth.synthesizers import SynthesisResult
 from anomalib_synth.synthesizers.ops import (
+    binary_dilate,
+    area_majority,
+    binary_open_close,
     choose_k_of_n,
+    fill_holes,
+    fill_holes_torch,
     rotated_rect_mask,
     sample_at,
     sample_derangement,
@@ -123,6 +128,68 @@ def test_auto_foreground_keeps_defects_on_the_object(object_on_background) -> No
         assert outside < 0.05, name
 
 
+def _blobs(batch: int, h: int, w: int, level: float, seed: int) -> torch.Tensor:
+    """Bool ``[B, 1, H, W]`` blobs (thresholded smooth noise): masks with holes, islands and border contact."""
+    noise = torch.rand(batch, 1, max(1, h // 4), max(1, w // 4), generator=gen(seed))
+    return F.interpolate(noise, size=(h, w), mode="bilinear", align_corners=False) < level
+
+
+def test_binary_morphology_equals_max_pool_reference() -> None:
+    def dilate(m, r):
+        return F.max_pool2d(m.float(), 2 * r + 1, stride=1, padding=r) > 0.5
+
+    for seed, (h, w, r) in enumerate(((31, 40, 1), (64, 50, 2), (40, 33, 5), (21, 60, 9))):
+        m = _blobs(3, h, w, 0.5, seed)
+        assert torch.equal(binary_dilate(m, r), dilate(m, r)), (h, w, r)
+        # opening then closing, each step a max-pool (erosion counts the outside as set)
+        ref = ~dilate(~dilate(dilate(~dilate(~m, r), r), r), r)
+        assert torch.equal(binary_open_close(m, r), ref), (h, w, r)
+        assert not torch.equal(ref, m)
+
+
+def test_fill_holes_equals_scipy_per_image_on_both_routes() -> None:
+    from scipy.ndimage import binary_fill_holes
+
+    for seed, (h, w, level) in enumerate(((48, 40, 0.5), (33, 57, 0.4), (60, 60, 0.6))):
+        m = _blobs(4, h, w, level, seed)
+        m[0, 0, 10:20, 10:20] = True
+        m[0, 0, 13:17, 13:17] = False  # a hole at least once
+        ref = torch.stack([torch.from_numpy(binary_fill_holes(x[0].numpy())) for x in m]).unsqueeze(1)
+        assert (ref & ~m).any()
+        assert torch.equal(fill_holes(m), ref)
+        assert torch.equal(fill_holes_torch(m), ref)
+    # a diagonal gap is closed for 4-connected background: the inside of a ring of 8-connected pixels is a hole
+    ring = torch.zeros(1, 1, 9, 9, dtype=torch.bool)
+    for i in range(9):
+        ring[0, 0, abs(4 - i), i] = ring[0, 0, 8 - abs(4 - i), i] = True
+    assert fill_holes(ring)[0, 0, 4, 4] and fill_holes_torch(ring)[0, 0, 4, 4]
+
+
+def test_area_majority_equals_float_area_interpolation() -> None:
+    for seed, (fy, fx) in enumerate(((2, 2), (3, 2), (4, 4), (1, 3))):
+        m = torch.rand(2, 1, 9 * fy, 7 * fx, generator=gen(seed)) < 0.5
+        ref = F.interpolate(m.float(), size=(9, 7), mode="area") > 0.5
+        assert torch.equal(area_majority(m, (9, 7)), ref), (fy, fx)
+    m = torch.rand(2, 1, 19, 15, generator=gen(9)) < 0.5  # not a multiple: the float route
+    assert torch.equal(area_majority(m, (9, 7)), F.interpolate(m.float(), size=(9, 7), mode="area") > 0.5)
+
+
+def test_reduced_size_foreground_matches_full_size_and_covers_blocks(object_on_background) -> None:
+    from anomalib_synth.synthesizers.placement import upsample_nearest
+
+    images, truth = object_on_background
+    big = F.interpolate(images, scale_factor=3, mode="bilinear", align_corners=False)  # 288 px: step 4
+    full = estimate_foreground(big, work_size=None)
+    fast = estimate_foreground(big)
+    iou = (full & fast).sum((1, 2, 3)).float() / (full | fast).sum((1, 2, 3)).float()
+    assert (iou > 0.95).all()
+    small = torch.rand(2, 1, 5, 4, generator=gen(1)) < 0.5
+    up = upsample_nearest(small, 3, (17, 11))  # a column of blocks cut, the last row of blocks repeated
+    for y, x in ((0, 0), (4, 7), (13, 10), (16, 2)):
+        assert torch.equal(up[:, :, y, x], small[:, :, min(y // 3, 4), min(x // 3, 3)])
+    assert torch.equal(upsample_nearest(small, 3, (15, 12)), small.repeat_interleave(3, -2).repeat_interleave(3, -1))
+
+
 def test_otsu_threshold_splits_two_levels() -> None:
     values = torch.cat((torch.full((1, 300), 0.2), torch.full((1, 100), 0.8)), dim=1)
     threshold = float(otsu_threshold(values))
@@ -149,6 +216,21 @@ def test_choose_k_of_n_and_sample_points() -> None:
     assert points[2].tolist() == [0.0, 0.0], "empty weights fall back to a uniform draw"
 
 
+def test_sample_points_of_a_mask_equal_the_float_cdf_and_share_one_cdf_per_image() -> None:
+    masks = _blobs(4, 37, 29, 0.3, 7).squeeze(1)
+    masks[2] = False  # empty: uniform over the image
+    u = torch.rand(4, 5, generator=gen(8))
+    u[0, 0], u[1, 0] = 0.0, 1 - 2**-24  # the ends of the CDF
+    got = sample_points(masks, u)
+    assert got.shape == (4, 5, 2)
+    for k in range(5):
+        ref = sample_points(masks.float(), u[:, k])  # the float CDF, one point per image
+        assert torch.equal(got[:, k], ref), k
+    y, x = got[..., 0].long(), got[..., 1].long()
+    inside = masks[torch.arange(4).view(4, 1), y, x]
+    assert inside[[0, 1, 3]].all() and got[2, :, 0].unique().numel() > 1
+
+
 def test_sample_at_equals_dense_grid_sample() -> None:
     images = torch.rand(3, 2, 12, 16, generator=gen(4))
     index = torch.tensor([2, 0, 2, 1, 0])
@@ -161,6 +243,11 @@ def test_sample_at_equals_dense_grid_sample() -> None:
         assert torch.allclose(got[n], ref.flatten(), atol=1e-6)
     assert torch.equal(sample_at(images, index.sort().values, sy, sx, presorted=True),
                        sample_at(images, index.sort().values, sy, sx))  # fmt: skip
+    # a non-increasing index is not sorted: each point still comes from its own image
+    down = index.sort(descending=True).values
+    ref = torch.stack([sample_at(images[i : i + 1], torch.zeros(1, dtype=torch.long), sy[n : n + 1], sx[n : n + 1])[0]
+                       for n, i in enumerate(down.tolist())])  # fmt: skip
+    assert torch.equal(sample_at(images, down, sy, sx), ref)
 
 
 def test_rotated_rect_mask_area_and_rotation() -> None:
@@ -191,3 +278,47 @@ def test_metrics_on_crafted_values() -> None:
     assert metrics.mask_agreement(result, images).tolist() == pytest.approx([1.0, 25 / 60])
     summary = metrics.summarize(result, images)
     assert summary["anomalous"] == 1.0 and summary["mask_area"] == pytest.approx(0.5)
+
+
+def test_background_pasted_on_an_object_on_plain_background() -> None:
+    background = torch.tensor([0.9, 0.8, 0.7]).view(3, 1, 1)
+    image = background.expand(3, 20, 20).clone()
+    image[:, 0, :3] = 0.0  # a few dark border pixels: the median ignores them, a mean would not
+    image[:, 0, 17:] = 0.0
+    image[:, 3:18, 3:18] = torch.tensor([0.2, 0.3, 0.1]).view(3, 1, 1)  # the object: most of the image
+    images = torch.stack((image, image))
+    masks = torch.zeros(2, 1, 20, 20, dtype=torch.bool)
+    masks[0, 0, 2:12, 2:12] = True  # the object's corner and a strip of background
+    out = images.clone()
+    out[0, :, 4:6, 4:10] = background + 0.03  # 12 px: background pasted onto the object (within tolerance)
+    out[0, :, 6:8, 4:10] = 0.5  # 12 px: changed, not to the background colour
+    out[0, :, 8, 4:10] = torch.tensor([0.9, 0.8, 0.8]).view(3, 1)  # 6 px: one channel 0.1 off: not background
+    out[0, 0, 9, 4:10] += 2 / 255  # 6 px: one channel changed by more than tau: changed
+    out[0, :, 10, 4:10] += 0.5 / 255  # 6 px: changed by less than tau: not counted
+    out[0, :, 2, 2:12] = background.view(3, 1) + 0.02  # 10 px: background already, changed a little: not pasted
+    out[0, :, 14, 8] = background.flatten()  # outside the mask: not counted
+    result = _result(images, out, masks)
+    expected = 12 / (12 + 12 + 6 + 6 + 10)
+    assert metrics.background_pasted(result, images).tolist() == pytest.approx([expected, 0.0])
+    assert metrics.summarize(result, images)["background_pasted"] == pytest.approx(expected)
+
+
+def test_sample_source_centres_where_the_patch_fits_on_the_foreground() -> None:
+    from anomalib_synth.synthesizers.placement import sample_source_centres
+
+    fg = torch.zeros(4, 1, 64, 64, dtype=torch.bool)
+    fg[:2, :, :4] = True  # a strip along the top border: no patch of half-side 10 fits there
+    fg[0, :, 60:] = True  # and along the bottom
+    fg[0, :, 40:44, 20:24] = True  # ... but it fits on this block
+    fg[3] = True  # a texture
+    k = 50
+    source = torch.arange(4).view(4, 1).expand(4, k)
+    half = torch.full((4, k, 2), 10.0)
+    u = torch.rand(4, k, 2, generator=gen(3))
+    centres = sample_source_centres(fg, source, half, u)
+    assert ((centres[0] >= torch.tensor([40, 20])) & (centres[0] < torch.tensor([44, 24]))).all()
+    assert (centres[1, :, 0] < 4).all(), "fits nowhere on the foreground: anywhere on it"
+    anywhere = half + u * (64 - 2 * half)
+    assert torch.equal(centres[2:], anywhere[2:]), "empty or whole foreground: uniform where the patch fits"
+    donor = sample_source_centres(fg, torch.zeros(4, k, dtype=torch.long), half, u)
+    assert ((donor >= torch.tensor([40, 20])) & (donor < torch.tensor([44, 24]))).all(), "the donor's foreground"

@@ -257,3 +257,41 @@ def test_a_third_party_synthesizer_registers_through_an_entry_point(monkeypatch,
     out = registry.get("my-synth")(torch.rand(2, 3, 32, 32), generator=gen(0))
     assert out.labels.all() and type(registry.get("my-synth")).__name__ == "Mine"
     sys.modules.pop("my_plugin", None)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("cutpaste", {}), ("cutpaste", {"source": "other"}), ("scar", {}),
+                                             ("nsa", {})])  # fmt: skip
+def test_source_patches_come_from_the_foreground(name: str, kwargs: dict, object_on_background) -> None:
+    """Objects on a plain background: patches are cut from the object, so no plain background is pasted onto it."""
+    images, truth = object_on_background
+    images, truth = images.repeat(3, 1, 1, 1), truth.repeat(3, 1, 1, 1)
+    pasted = {}
+    for source_foreground in (True, False):
+        synth = get(name, source_foreground=source_foreground, **kwargs)
+        counts = torch.zeros(2, dtype=torch.long)
+        for seed in range(4):
+            params = synth.sample_params(images, truth, gen(seed))
+            if source_foreground:  # every source centre lies on its donor's object
+                centre = params["source_centre"].long()
+                donor = params["source_index"]
+                assert truth[donor, 0, centre[..., 0], centre[..., 1]].all()
+                half = torch.stack((params["height"], params["width"]), -1) / 2  # and the patch fits in the image
+                assert ((params["source_centre"] >= half) & (params["source_centre"] <= 96 - half)).all()
+            out = synth.apply(images, params)
+            counts += torch.stack([c.sum() for c in metrics.background_pasted_counts(out, images)])
+        pasted[source_foreground] = float(counts[0] / counts[1])
+    if name == "nsa":  # the Poisson blend takes its boundary from the target, background at the object's edge
+        assert pasted[True] < 0.02
+    else:
+        assert pasted[True] == 0.0 and pasted[False] > 0.3
+
+
+@pytest.mark.parametrize("name", ["cutpaste", "scar", "nsa"])
+def test_source_foreground_keeps_texture_outputs(name: str, photos: torch.Tensor) -> None:
+    """A foreground that is the whole image (a texture) gives the output of a patch cut from anywhere."""
+    full = torch.ones(len(photos), 1, *photos.shape[-2:], dtype=torch.bool)
+    a = get(name, num_defects=(1, 3))(photos, fg_masks=full, generator=gen(5))
+    b = get(name, num_defects=(1, 3), source_foreground=False)(photos, fg_masks=full, generator=gen(5))
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+    with pytest.raises(ValueError, match="source_foreground must be True or False, got 'no'"):
+        get(name, source_foreground="no")

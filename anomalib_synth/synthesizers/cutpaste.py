@@ -13,6 +13,11 @@ Departures from the paper, and why:
     - The normal mode may rotate too (``rotation``; default ``(-45, 45)`` for both modes); set ``(0, 0)`` for the
       paper's axis-aligned patches.
     - Several patches per image (``num_defects``) and foreground-limited placement are options.
+    - With a foreground (``foreground="auto"``, the default, or ``fg_masks``), the patch is taken from the
+      foreground too (``source_foreground``): its centre is drawn there, and the pixels whose source is background
+      are left out of the defect. Otherwise a patch cut from anywhere pastes plain background onto the object (on
+      MVTec bottle, white bars on a dark bottle: 20 % of scar pixels, 10 % of cutpaste pixels; now 0 %,
+      ``benchmarks/background_pasted.py``).
     - Target pixels are sampled from the rotated source frame with bilinear interpolation; the mask is the exact
       rasterised rectangle, so pixels outside it are never touched.
 """
@@ -28,18 +33,23 @@ from .base import Params, SynthesisResult, Synthesizer
 from .ops import (
     jitter_pixels,
     log_uniform,
-    mask_pixels,
     mean_luma,
     rand,
     randint,
-    rotated_rect_mask,
     sample_at,
     to_local,
     uniform,
 )
-from .placement import DEFAULT_FOREGROUND, check_foreground_mode, resolve_foreground, sample_centres
+from .placement import (
+    DEFAULT_FOREGROUND,
+    check_foreground_mode,
+    resolve_foreground,
+    sample_centres,
+    partial_foreground,
+    sample_source_centres,
+)
 from .registry import register
-from .validation import check_choice, check_int_range, check_range
+from .validation import check_bool, check_choice, check_int_range, check_range
 
 SOURCES = ("same", "other", "any")
 MODES = ("normal", "scar")
@@ -79,6 +89,9 @@ class CutPasteSynthesizer(Synthesizer):
         foreground (str, optional): ``"none"`` or ``"auto"``; patch centres are drawn inside the foreground and the
             mask is cut to it. Defaults to ``"auto"``
             (:data:`~anomalib_synth.synthesizers.placement.DEFAULT_FOREGROUND`).
+        source_foreground (bool, optional): with a foreground (``"auto"`` or ``fg_masks``), take the patch from the
+            foreground of its source image too: its centre is drawn there and pixels whose source is background are
+            left out of the mask. ``False`` cuts it from anywhere in the image. Defaults to ``True``.
     """
 
     description = "CutPaste (normal or scar): a jittered, rotated patch of the same or another image pasted elsewhere"
@@ -97,6 +110,7 @@ class CutPasteSynthesizer(Synthesizer):
         jitter: float = 0.1,
         num_defects: tuple[int, int] = (1, 1),
         foreground: str = DEFAULT_FOREGROUND,
+        source_foreground: bool = True,
     ) -> None:
         super().__init__()
         self.mode = check_choice("mode", mode, MODES)
@@ -112,6 +126,7 @@ class CutPasteSynthesizer(Synthesizer):
         self.jitter = float(jitter)
         self.num_defects = check_int_range("num_defects", num_defects, 1, 64)
         self.foreground = check_foreground_mode(foreground)
+        self.source_foreground = check_bool("source_foreground", source_foreground)
 
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
         b, _, h, w = images.shape
@@ -133,7 +148,7 @@ class CutPasteSynthesizer(Synthesizer):
         size = torch.stack((height, width), -1)
         half = size / 2
         limit = torch.tensor([h, w], device=device, dtype=torch.float32)
-        source_centre = half + rand((b, k, 2), generator, device) * (limit - size)
+        u_source = rand((b, k, 2), generator, device)
         jitter = uniform(-self.jitter, self.jitter, (b, k, 4), generator, device)
         params = {
             "num_defects": randint(*self.num_defects, (b,), generator, device),
@@ -142,11 +157,14 @@ class CutPasteSynthesizer(Synthesizer):
             "width": width,
             "angle": uniform(*self.rotation, shape, generator, device),
             "centre": centre,
-            "source_centre": source_centre,
+            "source_centre": half + u_source * (limit - size),
             "jitter": jitter,
         }
         if fg is not None:
             params["fg"] = fg
+            if self.source_foreground:
+                params["fg_partial"] = partial = partial_foreground(fg)
+                params["source_centre"] = sample_source_centres(fg, params["source_index"], half, u_source, partial)
         return params
 
     def apply(self, images: Tensor, params: Params) -> SynthesisResult:
@@ -157,22 +175,54 @@ class CutPasteSynthesizer(Synthesizer):
         luma = mean_luma(x)
         jitter = params["jitter"].to(x)
         fg = params.get("fg")
+        restrict = params.get("fg_partial") if fg is not None and self.source_foreground else None
+        if fg is not None and self.source_foreground and restrict is None:
+            restrict = partial_foreground(fg)
         for k in range(params["source_index"].shape[1]):
             centre = params["centre"][:, k].to(x)
             angle = torch.deg2rad(params["angle"][:, k].to(x))
             half = torch.stack((params["height"][:, k], params["width"][:, k]), -1).to(x) / 2
-            inside = rotated_rect_mask((h, w), centre, half, angle)
-            inside &= (params["num_defects"] > k).view(b, 1, 1, 1)
-            if fg is not None:
-                inside &= fg
-            n, y, xx = mask_pixels(inside)
+            n, y, xx = rect_pixels((h, w), centre, half, angle, params["num_defects"] > k, fg)
             uy, ux = to_local(y.to(x) + 0.5, xx.to(x) + 0.5, centre[n], angle[n])
             source = params["source_index"][:, k]
             src = params["source_centre"][:, k].to(x)[n]
-            values = sample_at(x, source[n], src[:, 0] + uy, src[:, 1] + ux)
+            sy, sx = src[:, 0] + uy, src[:, 1] + ux
+            if restrict is not None:  # leave out the pixels whose source is background
+                donor = source[n]
+                keep = ~restrict[donor] | fg[donor, 0, sy.long().clamp(0, h - 1), sx.long().clamp(0, w - 1)]
+                n, y, xx, sy, sx = n[keep], y[keep], xx[keep], sy[keep], sx[keep]
+            values = sample_at(x, source[n], sy, sx)
             jit = jitter[:, k]
             out[n, :, y, xx] = jitter_pixels(
                 values, n, 1 + jit[:, 0], 1 + jit[:, 1], 1 + jit[:, 2], jit[:, 3] * math.pi, luma[source]
             )
-            mask |= inside
+            mask[n, 0, y, xx] = True
         return self._result(images, out, mask, params, self._param_keys)
+
+
+def rect_pixels(
+    size: tuple[int, int], centre: Tensor, half: Tensor, angle: Tensor, active: Tensor, fg: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices ``(b, y, x)`` (row-major per sample) of the pixels of :func:`rotated_rect_mask` in the samples
+    ``active`` ``[B]``, inside ``fg`` if given.
+
+    The same test as :func:`rotated_rect_mask` (so the same pixels), evaluated only in a window around each
+    rectangle: its bounding box, as large as the largest of the batch, plus a pixel of margin.
+    """
+    h, w = size
+    b = centre.shape[0]
+    cos, sin = torch.cos(angle).abs(), torch.sin(angle).abs()
+    extent = torch.stack((half[:, 0] * cos + half[:, 1] * sin, half[:, 0] * sin + half[:, 1] * cos), -1)
+    reach = extent.amax(0).ceil().long().tolist() if b else [0, 0]
+    sh, sw = min(h, 2 * reach[0] + 3), min(w, 2 * reach[1] + 3)
+    top = (centre[:, 0].floor().long() - reach[0] - 1).clamp(0, h - sh)
+    left = (centre[:, 1].floor().long() - reach[1] - 1).clamp(0, w - sw)
+    ys = top.view(b, 1, 1) + torch.arange(sh, device=centre.device).view(1, sh, 1)
+    xs = left.view(b, 1, 1) + torch.arange(sw, device=centre.device).view(1, 1, sw)
+    view = (-1, 1, 1)
+    uy, ux = to_local(ys.to(centre) + 0.5, xs.to(centre) + 0.5, centre.view(-1, 1, 1, 2), angle.view(view))
+    inside = (uy.abs() <= half[:, 0].view(view)) & (ux.abs() <= half[:, 1].view(view)) & active.view(view)
+    if fg is not None:
+        inside &= fg.view(b, h * w).gather(1, (ys * w + xs).view(b, -1)).view(b, sh, sw)
+    n, wy, wx = inside.nonzero(as_tuple=True)
+    return n, top[n] + wy, left[n] + wx

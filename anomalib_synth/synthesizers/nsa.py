@@ -19,6 +19,9 @@ Departures from the paper and its code (hmsch/natural-synthetic-anomalies), and 
       defect), which keeps the work free of copies; with a batch of one image the patch comes from the image itself.
     - The blend is computed in a window around each target patch (its largest possible size plus a margin), not
       over the whole image, which keeps the cost proportional to the patch area.
+    - With a foreground (``foreground="auto"``, the default, or ``fg_masks``), the patch is taken from the donor's
+      foreground too (``source_foreground``): its centre is drawn there and the pixels whose source is the donor's
+      background are left out of the blend region, so plain background is not pasted onto the object.
 """
 
 from __future__ import annotations
@@ -31,10 +34,17 @@ from torch import Tensor
 
 from .base import Params, SynthesisResult, Synthesizer
 from .ops import fill_holes, rand, randint, rigid_grid, sample_derangement, uniform
-from .placement import DEFAULT_FOREGROUND, check_foreground_mode, resolve_foreground, sample_centres
+from .placement import (
+    DEFAULT_FOREGROUND,
+    check_foreground_mode,
+    resolve_foreground,
+    sample_centres,
+    partial_foreground,
+    sample_source_centres,
+)
 from .poisson import seamless_clone
 from .registry import register
-from .validation import check_int_range, check_range
+from .validation import check_bool, check_int_range, check_range
 
 
 @register("nsa")
@@ -55,6 +65,9 @@ class NSASynthesizer(Synthesizer):
         min_visible (float, optional): if the blend changes less than this fraction of a patch (look-alike
             textures), the patch is pasted without blending instead, so the sample stays a visible anomaly. ``0``
             turns the fallback off. Defaults to ``0.3``.
+        source_foreground (bool, optional): with a foreground (``"auto"`` or ``fg_masks``), take the patch from the
+            donor's foreground too: its centre is drawn there and pixels whose source is background are left out of
+            the region. ``False`` cuts it from anywhere in the donor. Defaults to ``True``.
     """
 
     description = "NSA: a resized patch of another image Poisson-blended elsewhere; the mask marks what changed"
@@ -70,6 +83,7 @@ class NSASynthesizer(Synthesizer):
         foreground: str = DEFAULT_FOREGROUND,
         sweeps: int = 4,
         min_visible: float = 0.3,
+        source_foreground: bool = True,
     ) -> None:
         super().__init__()
         self.patch_size = check_range("patch_size", patch_size, 0.01, 0.6)
@@ -85,6 +99,7 @@ class NSASynthesizer(Synthesizer):
             msg = f"min_visible must be in [0, 1], got {min_visible}"
             raise ValueError(msg)
         self.min_visible = float(min_visible)
+        self.source_foreground = check_bool("source_foreground", source_foreground)
 
     def sample_params(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Params:
         b, _, h, w = images.shape
@@ -94,17 +109,24 @@ class NSASynthesizer(Synthesizer):
         size = uniform(*self.patch_size, (b, k, 2), generator, device) * side
         fg = resolve_foreground(images, fg_masks, self.foreground)
         centre = sample_centres(fg, images.shape, k, generator, device)
+        num_defects = randint(*self.num_defects, (b,), generator, device)
+        source_index = sample_derangement(b, k, generator, device)
+        scale = uniform(*self.scale, (b, k), generator, device)
+        u_source = rand((b, k, 2), generator, device)
         params = {
-            "num_defects": randint(*self.num_defects, (b,), generator, device),
-            "source_index": sample_derangement(b, k, generator, device),
+            "num_defects": num_defects,
+            "source_index": source_index,
             "height": size[..., 0],
             "width": size[..., 1],
-            "scale": uniform(*self.scale, (b, k), generator, device),
+            "scale": scale,
             "centre": centre,
-            "source_centre": size / 2 + rand((b, k, 2), generator, device) * (side - size),
+            "source_centre": size / 2 + u_source * (side - size),
         }
         if fg is not None:
             params["fg"] = fg
+            if self.source_foreground:
+                params["fg_partial"] = partial = partial_foreground(fg)
+                params["source_centre"] = sample_source_centres(fg, source_index, size / 2, u_source, partial)
         return params
 
     def window_size(self, h: int, w: int) -> tuple[int, int]:
@@ -123,6 +145,11 @@ class NSASynthesizer(Synthesizer):
         out = x.clone()
         mask = torch.zeros(b, 1, h, w, dtype=torch.bool, device=x.device)
         fg = params.get("fg")
+        source_fg = restrict = None
+        if fg is not None and self.source_foreground:
+            restrict = params.get("fg_partial")
+            restrict = partial_foreground(fg) if restrict is None else restrict  # empty or whole: no restriction
+            source_fg = (fg | ~restrict.view(b, 1, 1, 1)).to(x) if bool(restrict.any()) else None
         for k in range(params["source_index"].shape[1]):
             centre = params["centre"][:, k].to(x)
             top = (centre[:, 0].round().long() - sh // 2).clamp(0, h - sh)
@@ -149,6 +176,9 @@ class NSASynthesizer(Synthesizer):
             region = (local.abs() <= half).all(-1).unsqueeze(1) & inner & active
             if fg is not None:
                 region &= fg.view(b, 1, h * w).gather(2, window).view(b, 1, sh, sw)
+            if source_fg is not None and bool(restrict[source].any()):  # leave out what comes from background
+                region &= F.grid_sample(source_fg, permuted, mode="nearest", padding_mode="border",
+                                        align_corners=False)[source] > 0.5  # fmt: skip
             blended = seamless_clone(dst, src, region, self.sweeps)
             changed = region & ((blended - dst).abs().amax(1, keepdim=True) > self.change_threshold)
             if self.min_visible > 0:

@@ -6,8 +6,10 @@ tensors), then moved to the target device. Image-sized work is plain tensor alge
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -57,19 +59,34 @@ def sample_derangement(batch: int, count: int, generator: torch.Generator, devic
 
 
 def sample_points(weights: Tensor, u: Tensor) -> Tensor:
-    """Inverse-CDF sampling of one pixel per sample from non-negative ``weights`` ``[B, H, W]``.
+    """Inverse-CDF sampling of pixels from non-negative ``weights`` ``[B, H, W]``.
 
-    ``u`` holds one uniform draw per sample ``[B]``. Returns float pixel centres ``[B, 2]`` as ``(y, x)``.
-    A sample whose weights are all zero gets a uniformly distributed pixel.
+    ``u`` holds uniform draws ``[B]`` (one pixel per sample) or ``[B, K]`` (``K`` pixels per sample, from one CDF).
+    Returns float pixel centres ``[B, 2]`` (or ``[B, K, 2]``) as ``(y, x)``. A sample whose weights are all zero
+    gets uniformly distributed pixels.
+
+    Bool weights (a mask) are counted in integers: with ``cdf`` integer, ``cdf <= t`` is ``cdf <= floor(t)``, so
+    the pixels are those of the float CDF (exact below ``2**24`` pixels), for a quarter of the memory traffic.
     """
     b, h, w = weights.shape
-    flat = weights.reshape(b, -1).to(torch.float32)
-    empty = flat.sum(1, keepdim=True) <= 0
-    flat = torch.where(empty, torch.ones_like(flat), flat)
-    cdf = flat.cumsum(1)
-    target = (u.to(cdf).unsqueeze(1) * cdf[:, -1:]).contiguous()
-    index = torch.searchsorted(cdf, target, right=True).clamp_max(h * w - 1).squeeze(1)
-    return torch.stack((index // w, index % w), dim=1).to(torch.float32)
+    flat = weights.reshape(b, -1)
+    if flat.dtype == torch.bool and h * w < 2**24:
+        cdf = flat.cumsum(1, dtype=torch.int32)
+        empty = cdf[:, -1:] <= 0
+        total = torch.where(empty, h * w, cdf[:, -1:]).to(torch.float32)
+        target = (u.to(torch.float32).view(b, -1) * total).to(torch.int32)  # truncation: floor, as t >= 0
+        index = torch.searchsorted(cdf, target, right=True)
+        # an empty row stands for all-ones weights, whose CDF is i + 1: the count of entries <= t is t
+        index = torch.where(empty, target.long(), index)
+    else:
+        flat = flat.to(torch.float32)
+        empty = flat.sum(1, keepdim=True) <= 0
+        flat = torch.where(empty, torch.ones_like(flat), flat)
+        cdf = flat.cumsum(1)
+        target = (u.to(cdf).view(b, -1) * cdf[:, -1:]).contiguous()
+        index = torch.searchsorted(cdf, target, right=True)
+    index = index.clamp_max(h * w - 1).view(u.shape)
+    return torch.stack((index // w, index % w), dim=-1).to(torch.float32)
 
 
 def to_grayscale(x: Tensor) -> Tensor:
@@ -146,40 +163,133 @@ def rigid_grid(
     return grid, torch.stack((uy, ux), dim=-1)
 
 
-def binary_open_close(mask: Tensor, radius: int) -> Tensor:
-    """Morphological opening then closing of a bool ``[B, 1, H, W]`` mask with a square of side ``2r+1``."""
+def _dilate_axis(mask: Tensor, radius: int, dim: int) -> Tensor:
+    """Dilation of a bool tensor along ``dim`` by a segment of ``2 radius + 1`` pixels, outside counted as unset.
+
+    Doubling (a sparse table): ``log2(radius)`` shifted ORs of bool tensors, then two overlapping windows, instead
+    of one comparison per kernel pixel per pixel as a max-pool does.
+    """
     if radius <= 0:
         return mask
-    k = 2 * radius + 1
+    n, k = mask.shape[dim], 2 * radius + 1
+    pad_shape = list(mask.shape)
+    pad_shape[dim] = radius
+    pad = mask.new_zeros(pad_shape)
+    window = torch.cat((pad, mask, pad), dim)  # window[i] = OR of padded[i : i + span]
+    span = 1
+    while 2 * span <= k:
+        length = window.shape[dim] - span
+        window = window.narrow(dim, 0, length) | window.narrow(dim, span, length)
+        span *= 2
+    return window.narrow(dim, 0, n) | window.narrow(dim, k - span, n)
 
-    def dilate(m: Tensor) -> Tensor:
-        return F.max_pool2d(m.float(), k, stride=1, padding=radius) > 0.5
 
-    def erode(m: Tensor) -> Tensor:
-        return ~dilate(~m)
+def binary_dilate(mask: Tensor, radius: int) -> Tensor:
+    """Dilation of a bool ``[..., H, W]`` mask by a square of side ``2r+1`` (pixels outside the image unset).
 
-    return erode(dilate(dilate(erode(mask))))
+    Exactly ``F.max_pool2d(mask.float(), 2r+1, stride=1, padding=r) > 0.5``, computed separably on bools.
+    """
+    return _dilate_axis(_dilate_axis(mask, radius, -1), radius, -2)
+
+
+def area_majority(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """``F.interpolate(mask.float(), size, mode="area") > 0.5`` of a bool ``[B, 1, H, W]`` mask, by counting.
+
+    When ``size`` divides ``(H, W)`` into blocks of at most 64 pixels, the set pixels of each block are counted in
+    ``uint8`` from strided slices (one pass over the mask, no float copy) and compared with half the block: the same
+    decision as the float mean, since a mean of ``count / n`` is above 0.5 exactly when ``2 count > n``. Other sizes
+    take the float route.
+    """
+    h, w = mask.shape[-2:]
+    sh, sw = size
+    fy, fx = h // sh, w // sw
+    if (sh, sw) == (h, w):
+        return mask
+    if fy * sh != h or fx * sw != w or fy * fx > 64:
+        return F.interpolate(mask.float(), size=size, mode="area") > 0.5
+    count = torch.zeros(*mask.shape[:-2], sh, sw, dtype=torch.uint8, device=mask.device)
+    for dy in range(fy):
+        for dx in range(fx):
+            count += mask[..., dy::fy, dx::fx]
+    return count * 2 > fy * fx
+
+
+def binary_open_close(mask: Tensor, radius: int) -> Tensor:
+    """Morphological opening then closing of a bool ``[B, 1, H, W]`` mask with a square of side ``2r+1``.
+
+    Erosion counts pixels outside the image as set. The two middle dilations are done as one of radius ``2r`` (the
+    same set: a square of side ``2r+1`` dilated by itself is the square of side ``4r+1``, also near the border).
+    """
+    if radius <= 0:
+        return mask
+    eroded = ~binary_dilate(~mask, radius)
+    return ~binary_dilate(~binary_dilate(eroded, 2 * radius), radius)
 
 
 # Sparse pixel helpers: synthesizers change few pixels, so they compute the new values only where the mask is set
 # (``nonzero`` once per call) instead of producing full-size candidate images.
 
 
-def fill_holes(mask: Tensor, check_every: int = 8) -> Tensor:
-    """``mask`` (bool ``[B, 1, H, W]``) with every hole filled: the pixels not reachable from the border through
-    4-connected pixels outside the mask (as ``scipy.ndimage.binary_fill_holes``). A batched flood fill, checked for
-    convergence every ``check_every`` steps, so its cost grows with the path to the deepest hole, not the batch."""
+@functools.cache
+def _scipy_ndimage():  # noqa: ANN202
+    """``scipy.ndimage`` (installed with scikit-image), imported on first use; ``None`` without scipy."""
+    try:
+        from scipy import ndimage
+    except ImportError:  # pragma: no cover
+        return None
+    return ndimage
+
+
+def fill_holes(mask: Tensor) -> Tensor:
+    """``mask`` (bool ``[..., H, W]``) with every hole filled: the pixels not reachable from the border through
+    4-connected pixels outside the mask (as ``scipy.ndimage.binary_fill_holes``, per image).
+
+    On CPU the pixels outside the mask are labelled once for the whole batch (``scipy.ndimage.label``, connected
+    within each image only) and the components that touch a border are kept. On other devices (or without scipy)
+    :func:`fill_holes_torch` computes the same set with tensor operations.
+    """
+    ndimage = _scipy_ndimage()
+    if mask.device.type != "cpu" or ndimage is None or mask.numel() == 0:
+        return fill_holes_torch(mask)
+    h, w = mask.shape[-2:]
+    free = (~mask).reshape(-1, h, w).numpy()
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)  # 4-connected, never across images
+    labels, count = ndimage.label(free, structure)
+    border = np.concatenate((labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]), axis=1)
+    outside = np.zeros(count + 1, dtype=bool)
+    outside[border] = True
+    outside[0] = False  # label 0: the mask itself
+    return torch.from_numpy(~outside[labels]).view(mask.shape)
+
+
+def fill_holes_torch(mask: Tensor, max_rounds: int | None = None) -> Tensor:
+    """:func:`fill_holes` in tensor operations only (any device).
+
+    The reachable set grows from the border pixels outside the mask by whole runs: a round spreads reach along every
+    row's runs of free pixels, then along every column's, so the number of rounds is the number of turns on the
+    path to the deepest pixel, not its length.
+    """
     free = ~mask
     reach = torch.zeros_like(mask)
     reach[..., 0, :], reach[..., -1, :], reach[..., :, 0], reach[..., :, -1] = True, True, True, True
     reach &= free
-    for step in range(mask.shape[-2] * mask.shape[-1]):
-        r = reach.float()
-        grown = (F.max_pool2d(r, (1, 3), 1, (0, 1)) + F.max_pool2d(r, (3, 1), 1, (1, 0))).bool() & free
-        if step % check_every == 0 and torch.equal(grown, reach):
+    for _ in range(max_rounds or mask.shape[-2] * mask.shape[-1]):
+        grown = _spread_runs(_spread_runs(reach, free, -1), free, -2)
+        if torch.equal(grown, reach):
             break
         reach = grown
     return ~reach
+
+
+def _spread_runs(reach: Tensor, free: Tensor, dim: int) -> Tensor:
+    """Set every pixel of a run of ``free`` pixels along ``dim`` in which some pixel is set in ``reach``."""
+    run = (~free).to(torch.int64).cumsum(dim)  # the pixels of one run share a number; a blocked pixel starts one
+    shape = list(reach.shape)
+    shape[dim] += 1
+    reached = torch.zeros(shape, dtype=torch.int64, device=reach.device)
+    reached.scatter_add_(dim, run, reach.to(torch.int64))
+    return (reached.gather(dim, run) > 0) & free
 
 
 def mask_pixels(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -197,7 +307,8 @@ def sample_at(
     The points are packed per source image into one ``F.grid_sample`` call (``[B, 1, max count, 2]`` grid), so the
     work is proportional to ``N``, not to the image size, and no per-sample copy of ``images`` is made.
     ``padding_mode`` is ``grid_sample``'s: ``"border"``, ``"reflection"`` or ``"zeros"``. Set ``presorted`` when
-    ``index`` is non-decreasing (as from :func:`mask_pixels`) to skip a sort.
+    ``index`` is non-decreasing (as from :func:`mask_pixels`) to skip a sort; on CPU that is also checked (one pass
+    without a sort), since a stable sort of a sorted index is the identity.
     """
     b, c, h, w = images.shape
     n = index.numel()
@@ -205,7 +316,7 @@ def sample_at(
         return images.new_zeros(0, c)
     counts = torch.bincount(index, minlength=b)
     start = counts.cumsum(0) - counts
-    if presorted:
+    if presorted or (index.device.type == "cpu" and bool((index[1:] >= index[:-1]).all())):
         slot = torch.arange(n, device=index.device) - start[index]
     else:
         order = torch.argsort(index, stable=True)

@@ -35,6 +35,7 @@ from torch import Tensor
 from ..io import load_texture_bank
 from .base import Params, SynthesisResult, Synthesizer
 from .ops import (
+    area_majority,
     choose_k_of_n,
     color_matrix,
     mask_pixels,
@@ -190,7 +191,8 @@ class PerlinSynthesizer(Synthesizer):
     description = "DRAEM-style Perlin-noise mask filled with a texture (e.g. DTD) or the image itself"
     cost = (
         "No network. One batched pass: two matmuls for the noise at up to 128 px, then work on the masked "
-        "pixels only. About 10x anomalib's generator in images per second (`benchmarks/classical_throughput.py`)."
+        "pixels only. About 8-10x anomalib's generator in images per second on one CPU thread "
+        "(`benchmarks/classical_throughput.py`)."
     )
     texture_argument = "texture_dir"
     _param_keys = ("beta", "res_y", "res_x", "angle", "texture")
@@ -291,7 +293,7 @@ class PerlinSynthesizer(Synthesizer):
         noise = self._noise(params, size)
         candidates = noise
         if fg is not None:
-            fg_small = F.interpolate(fg.float(), size=noise.shape[-2:], mode="area") > 0.5
+            fg_small = area_majority(fg, noise.shape[-2:])
             candidates = noise.masked_fill(~fg_small, float("-inf"))
         candidates = candidates.flatten(1)
         n_pixels = candidates.shape[1]
@@ -308,7 +310,11 @@ class PerlinSynthesizer(Synthesizer):
         threshold = threshold.view(-1, 1, 1, 1)
         if fg is None:
             return noise >= threshold
-        # the threshold was found on the small map: never let it exceed the best full-size foreground pixel
+        # the threshold was found on the small map: never let it exceed the best full-size foreground pixel (only
+        # needed where no foreground pixel reaches it, so that pass is skipped when all do)
+        mask = (noise >= threshold) & fg
+        if bool(mask.flatten(1).any(1).all()):
+            return mask
         best = noise.masked_fill(~fg, float("-inf")).amax(dim=(1, 2, 3), keepdim=True)
         return (noise >= torch.minimum(threshold, best)) & fg
 

@@ -37,6 +37,11 @@ def _border(x: Tensor) -> Tensor:
     return torch.cat((x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]), dim=-1)
 
 
+def border_median(images: Tensor) -> Tensor:
+    """The background colour of each image: the median of its 1-pixel border, ``[B, C]``."""
+    return _border(images).median(dim=-1).values
+
+
 def otsu_threshold(values: Tensor, bins: int = 256) -> Tensor:
     """Per-sample Otsu threshold of ``values`` ``[B, N]`` in ``[0, 1]``; returns ``[B]``."""
     b = values.shape[0]
@@ -52,12 +57,40 @@ def otsu_threshold(values: Tensor, bins: int = 256) -> Tensor:
     return levels[between.argmax(1)]
 
 
-def estimate_foreground(images: Tensor, border_agreement: float = 0.9, min_fraction: float = 0.01) -> Tensor:
-    """Estimate bool foreground masks ``[B, 1, H, W]`` of ``images`` ``[B, C, H, W]`` in ``[0, 1]`` (see module doc)."""
+def estimate_foreground(
+    images: Tensor, border_agreement: float = 0.9, min_fraction: float = 0.01, work_size: int | None = 64
+) -> Tensor:
+    """Estimate bool foreground masks ``[B, 1, H, W]`` of ``images`` ``[B, C, H, W]`` in ``[0, 1]`` (see module doc).
+
+    The estimate is made on every ``s``-th pixel (``s = min(H, W) // work_size``; a short side of about
+    ``work_size`` px) and each of its pixels stands for an ``s x s`` block, so its cost hardly grows with the image size. ``work_size=None``
+    works at full size.
+    """
     b, _, h, w = images.shape
-    x = images.float()
-    bg = _border(x).median(dim=-1).values  # [B, C]
-    dist = (x - bg[:, :, None, None]).abs().amax(1, keepdim=True)  # [B, 1, H, W]
+    step = 1 if work_size is None else max(1, min(h, w) // work_size)
+    if step == 1:
+        return _estimate_foreground(images.float(), border_agreement, min_fraction)
+    small = images[..., step // 2 :: step, step // 2 :: step].float()
+    fg = _estimate_foreground(small, border_agreement, min_fraction)
+    return upsample_nearest(fg, step, (h, w))
+
+
+def upsample_nearest(mask: Tensor, step: int, size: tuple[int, int]) -> Tensor:
+    """Blow a mask sampled at every ``step``-th pixel up to ``size``: each sample covers a ``step x step`` block (the
+    last row and column of blocks are cut or repeated to fit)."""
+    h, w = size
+    blocks = mask.repeat_interleave(step, -2).repeat_interleave(step, -1)
+    if blocks.shape[-2:] == (h, w):
+        return blocks
+    rows = torch.arange(h, device=mask.device).div_(step, rounding_mode="floor").clamp_max_(mask.shape[-2] - 1)
+    cols = torch.arange(w, device=mask.device).div_(step, rounding_mode="floor").clamp_max_(mask.shape[-1] - 1)
+    return mask.index_select(-2, rows).index_select(-1, cols)
+
+
+def _estimate_foreground(x: Tensor, border_agreement: float, min_fraction: float) -> Tensor:
+    b, _, h, w = x.shape
+    bg = border_median(x)  # [B, C]
+    dist = (x - bg[:, :, None, None]).abs_().amax(1, keepdim=True)  # [B, 1, H, W]
     scale = dist.flatten(1).amax(1).clamp_min(1e-6).view(b, 1, 1, 1)
     norm = dist / scale
     thr = otsu_threshold(norm.flatten(1)).view(b, 1, 1, 1)
@@ -98,4 +131,42 @@ def sample_centres(
     if fg is None:
         return rand((b, count, 2), generator, device) * torch.tensor([h, w], device=device, dtype=torch.float32)
     u = rand((b * count,), generator, device)
-    return sample_points(fg.squeeze(1).repeat_interleave(count, 0), u).view(b, count, 2) + 0.5
+    return sample_points(fg.squeeze(1), u.view(b, count)) + 0.5  # one CDF per image for its ``count`` centres
+
+
+def sample_source_centres(
+    fg: Tensor, source: Tensor, half: Tensor, u: Tensor, partial: Tensor | None = None
+) -> Tensor:
+    """Centres ``[B, K, 2]`` (``(y, x)`` pixels) of source patches inside the foreground of their images.
+
+    Patch ``(b, k)`` of half-sides ``half[b, k]`` (``(y, x)`` pixels) comes from image ``source[b, k]``, with two
+    uniform draws ``u[b, k]``. Its centre is the pixel centre drawn (inverse-CDF, from ``u[b, k, 0]``) from that
+    image's foreground pixels where the patch fits inside the image; if the patch fits nowhere on the foreground,
+    from the whole foreground. A source whose foreground is the whole image (a texture) or empty gets
+    ``half + u * (size - 2 half)``: uniform where the patch fits, as without a foreground. ``partial`` is
+    :func:`partial_foreground` of ``fg``, if already known.
+    """
+    b, _, h, w = fg.shape
+    limit = torch.tensor([h, w], device=half.device, dtype=half.dtype)
+    centres = half + u * (limit - 2 * half)
+    on_object = (partial_foreground(fg) if partial is None else partial)[source]  # [B, K]: sources with an object on a background
+    if not bool(on_object.any()):
+        return centres
+    pick = on_object.nonzero(as_tuple=True)
+    ys = torch.arange(h, device=fg.device, dtype=torch.float32) + 0.5
+    xs = torch.arange(w, device=fg.device, dtype=torch.float32) + 0.5
+    hy, hx = half[pick][:, :1].to(ys), half[pick][:, 1:].to(xs)
+    fits = ((ys >= hy) & (ys <= h - hy)).unsqueeze(2) & ((xs >= hx) & (xs <= w - hx)).unsqueeze(1)  # [N, H, W]
+    region = fg[source[pick], 0]
+    inside = region & fits
+    weights = torch.where(inside.flatten(1).any(1).view(-1, 1, 1), inside, region)
+    centres[pick] = sample_points(weights, u[pick][:, 0]).to(centres) + 0.5
+    return centres
+
+
+def partial_foreground(fg: Tensor) -> Tensor:
+    """Bool ``[B]``: images whose foreground is neither empty nor the whole image (an object on a background), the
+    ones patches are restricted to. An empty foreground stands for the whole image, so that a sample whose own
+    foreground is set never loses its defect to a donor without one."""
+    flat = fg.flatten(1)
+    return flat.any(1) & ~flat.all(1)

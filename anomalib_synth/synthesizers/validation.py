@@ -32,3 +32,11 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
         msg = f"{name} must be one of {tuple(choices)}, got {value!r}"
         raise ValueError(msg)
     return value
+
+
+def check_bool(name: str, value: bool) -> bool:
+    """Check a flag: ``True`` or ``False`` (not ``1``, ``"no"`` or ``None``, which YAML and typos produce)."""
+    if not isinstance(value, bool):
+        msg = f"{name} must be True or False, got {value!r}"
+        raise ValueError(msg)
+    return value
