@@ -4,16 +4,22 @@ Pixel AP (torchmetrics ``BinaryAveragePrecision`` over every pixel of every test
 training image as the prompt, for the segmenter and for the non-learned nearest-neighbour cosine distance it gets as
 an input (stride 4, PatchCore-like, upsampled), which shows what the learned part adds::
 
-    python benchmarks/segmenter_sanity.py RUN_FOLDER --category bottle [--prompt train/good/000.png]
+    python benchmarks/segmenter_sanity.py RUN_FOLDER --category bottle [--prompt train/good/000.png] [--data-root DATA]
+    python benchmarks/segmenter_sanity.py --quick    # a smoke run, no data set and no RUN_FOLDER (seconds)
 
-The data root is ``$ANOMALIB_SYNTH_DATA`` or ``../shared/data`` relative to the repository root; ``mvtec_ad/<category>``
-in the MVTec layout. Refuses a segmenter that saw the category or a test image (``check_segmenter_leakage``).
+The data root is ``--data-root``, else ``$ANOMALIB_SYNTH_DATA`` or ``../shared/data`` relative to the repository root;
+``mvtec_ad/<category>`` in the MVTec layout. Refuses a segmenter that saw the category or a test image
+(``check_segmenter_leakage``). ``--quick`` needs neither: in a temporary folder it writes a toy category
+(``toydata.make_toy_mvtec``, 64 px crops of scikit-image's gravel photo with drawn defects) and pretrains a segmenter
+for 2 steps of 2 pairs at 64 px on scikit-image's other photos (gravel excluded), then checks that; its numbers mean
+nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,12 +32,32 @@ from anomalib_synth.models.one_prompt_segmenter import OnePromptSegmenterModel, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run")
+    parser.add_argument("run", nargs="?", help="a pretrained segmenter's folder (not with --quick)")
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--prompt", default=None, help="relative to the category (default: the first train/good)")
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--data-root", default=None, help="default: $ANOMALIB_SYNTH_DATA or ../shared/data")
+    parser.add_argument("--quick", action="store_true", help="toy category, 2-step segmenter, 64 px: a smoke run")
     args = parser.parse_args()
-    root = Path(os.environ.get("ANOMALIB_SYNTH_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+    if args.quick:
+        torch.set_num_threads(1)
+        from anomalib_synth.models.one_prompt_segmenter.pretrain import pretrain_segmenter
+        from anomalib_synth.toydata import make_toy_mvtec
+
+        with tempfile.TemporaryDirectory(prefix="segmenter-sanity-quick-") as tmp:
+            make_toy_mvtec(Path(tmp) / "mvtec_ad", size=64)
+            args.category, args.prompt, args.size, args.run = "gravel", None, 64, str(Path(tmp) / "segmenter")
+            pretrain_segmenter([], [args.category], args.run, steps=2, batch_size=2, image_size=64,
+                               synthesizers="cutpaste+nsa", progress=False, threads=1)  # fmt: skip
+            run(args, Path(tmp))
+        return
+    if args.run is None:
+        parser.error("RUN_FOLDER is required (or --quick)")
+    default = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    run(args, Path(args.data_root or os.environ.get("ANOMALIB_SYNTH_DATA", default)))
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
     category = root / "mvtec_ad" / args.category
     normals = list_images(category / "train" / "good") if (category / "train" / "good").is_dir() else []
     prompt = category / args.prompt if args.prompt else (normals or list_images(category / "test" / "good"))[0]
