@@ -135,7 +135,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             budget["batch_size"] = args.batch_size
         if args.accelerator is not None:
             budget["accelerator"] = args.accelerator
-        budgets[protocol] = budget
+        if budget:  # an empty entry would make a resumed evaluation with other protocols look changed
+            budgets[protocol] = budget
     for spec in args.budget:  # PROTOCOL:KEY=VALUE[,KEY=VALUE]
         protocol, _, assignments = spec.partition(":")
         budgets.setdefault(protocol, {}).update(_parse_options(assignments.split(",")))

@@ -197,3 +197,23 @@ def test_target_needs_the_mean_above_the_control_and_no_category_far_below() -> 
     assert "MEETS" in target(table)[0]
     table["fusion"]["b"]["fusion"] = cell(0.45)  # mean still above, but b falls 0.05 below
     assert "does not meet" in target(table)[0]
+
+
+def test_cli_records_no_empty_budgets_so_other_protocols_can_resume_the_folder(tmp_path, monkeypatch) -> None:
+    """An evaluation resumed with other protocols must not be refused for budgets nobody set."""
+    import anomalib_synth.evaluation as evaluation
+    from anomalib_synth.cli import main
+
+    seen = []
+
+    def fake(config, output, progress=True):
+        seen.append(config)
+        Path(output).mkdir(parents=True, exist_ok=True)
+        (Path(output) / "results.md").write_text("")
+
+    monkeypatch.setattr(evaluation, "evaluate", fake)
+    common = ["evaluate", "--data-root", str(tmp_path), "--categories", "c", "--output", str(tmp_path / "out"), "-q"]
+    assert main([*common, "--protocol", "patchcore,refiner", "--synthesizers-for", "refiner=nsa+cutpaste"]) == 0
+    assert main([*common, "--protocol", "fusion", "--budget", "fusion:val_images=4"]) == 0
+    assert seen[0].budgets == {} and seen[0].protocol_synthesizers == {"refiner": ["nsa+cutpaste"]}
+    assert seen[1].budgets == {"fusion": {"val_images": 4}}
