@@ -279,7 +279,7 @@ ALTERNATIVES = {
     "n_augment": 2, "rotation": (-10.0, 10.0), "scale_range": (1, 3), "texture_dir": "TEXTURES", "texture_size": 64,
     "threshold": 0.6, "aspect_range": (0.5, 2.0), "jitter": 0.2, "mode": "scar", "num_defects": (1, 2),
     "scar_height": (12.0, 20.0), "scar_width": (3.0, 9.0), "source": "other", "change_threshold": 0.05,
-    "min_visible": 0.1, "patch_size": (0.2, 0.3), "scale": (0.8, 1.2), "sweeps": 3,
+    "min_visible": 0.1, "patch_size": (0.2, 0.3), "scale": (0.8, 1.2), "sweeps": 3, "source_foreground": False,
 }  # fmt: skip
 
 
