@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -39,8 +38,8 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from torch import Tensor, nn
-from torchvision.transforms.v2 import Resize
 
+from ..components import OneEpochOneClassMixin
 from .torch_model import OnePromptSegmenterModel
 
 __all__ = ["OnePromptSegmenter"]
@@ -58,7 +57,7 @@ class PromptStore(DynamicBufferMixin, nn.Module):
         self.register_buffer("images", torch.empty(0, 3, 1, 1))
 
 
-class OnePromptSegmenter(AnomalibModule):
+class OnePromptSegmenter(OneEpochOneClassMixin, AnomalibModule):
     """One-prompt anomaly segmentation with a segmenter pretrained on other categories.
 
     Args:
@@ -112,19 +111,7 @@ class OnePromptSegmenter(AnomalibModule):
         self._seen: list[Tensor] = []
         self._prompts_set = False
 
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize only (to ``image_size``, default 256 x 256): the model normalises its inputs itself."""
-        return PreProcessor(transform=Resize(image_size or (256, 256), antialias=True))
 
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        return PostProcessor()
-
-    @staticmethod
-    def configure_optimizers() -> None:
-        """Nothing to optimise: the segmenter was pretrained; training stores the prompts."""
-        return
 
     def training_step(self, batch: Batch, *args, **kwargs) -> Tensor:
         """Store the batch's (normal) images as prompts."""
@@ -176,10 +163,4 @@ class OnePromptSegmenter(AnomalibModule):
     def predict_step(self, batch: Batch, *args, **kwargs) -> Batch:
         return self.validation_step(batch, *args, **kwargs)
 
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "devices": 1}
 
-    @property
-    def learning_type(self) -> LearningType:
-        return LearningType.ONE_CLASS

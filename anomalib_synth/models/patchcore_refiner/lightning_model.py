@@ -22,15 +22,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.models.components import AnomalibModule, MemoryBankMixin
-from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
-from torchvision.transforms.v2 import Resize
 
+from ..components import OneEpochOneClassMixin
 from ...seeding import generator_for
 from ...synthesizers import Synthesizer
 from ...synthesizers.mix import build
@@ -42,7 +39,7 @@ __all__ = ["PatchcoreRefiner"]
 logger = logging.getLogger(__name__)
 
 
-class PatchcoreRefiner(MemoryBankMixin, AnomalibModule):
+class PatchcoreRefiner(MemoryBankMixin, OneEpochOneClassMixin, AnomalibModule):
     """PatchCore on the normal training images, refined by a head trained per category on synthetic anomalies.
 
     Args:
@@ -110,20 +107,7 @@ class PatchcoreRefiner(MemoryBankMixin, AnomalibModule):
         self._images: list[Tensor] = []
         self.losses: list[float] = []
 
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (default 256 x 256) only: the model normalises images itself."""
-        return PreProcessor(transform=Resize(image_size or (256, 256), antialias=True))
 
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """anomalib's one-class post-processor (thresholds and normalisation from the validation scores)."""
-        return PostProcessor()
-
-    @staticmethod
-    def configure_optimizers() -> None:
-        """None: the head trains inside :meth:`fit`, on its own synthetic pairs."""
-        return
 
     @property
     def synthesizer(self) -> Synthesizer:
@@ -161,12 +145,4 @@ class PatchcoreRefiner(MemoryBankMixin, AnomalibModule):
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
 
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """One epoch (it only collects images), no gradient clipping, no sanity validation, one device."""
-        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "devices": 1}
 
-    @property
-    def learning_type(self) -> LearningType:
-        """``ONE_CLASS``: it learns from normal images (its anomalies are its own)."""
-        return LearningType.ONE_CLASS
