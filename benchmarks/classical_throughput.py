@@ -6,7 +6,8 @@
 
 For each batch (real photos: scikit-image's shipped photos, or ``--data-root``'s images; and uniform random
 images), prints images/second per synthesizer at its default arguments (median over ``--repeats`` timed calls
-after one warm-up) and the ratio to anomalib's generator timed on the same batch in the same run. Targets (issue 20,
+after one warm-up) and the ratio to anomalib's generator timed on the same batch in the same run, in rounds that
+alternate the two (so that load or clock changes during the run hit both alike). Targets (issue 20,
 on real photos): ``perlin``, ``cutpaste`` and ``scar`` >= 10x, ``nsa`` >= 5x. ``--quick`` is a smoke run (small
 batch, 64 px, one repeat; no targets).
 """
@@ -51,35 +52,40 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn, repeats: int, device: str) -> float:
+def time_call(fn, device: str) -> float:
+    start = time.perf_counter()
     fn()
     sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time.perf_counter() - start
 
 
 def run(label: str, images: torch.Tensor, names: list[str], repeats: int, device: str, targets: bool) -> list[str]:
-    """Time anomalib's generator and each synthesizer on ``images``; print a table; return the names below target."""
+    """Time anomalib's generator and each synthesizer on ``images``; print a table; return the names below target.
+
+    Each synthesizer is timed in ``repeats`` rounds that alternate one call of the baseline and one of the
+    synthesizer (after a warm-up of both), and its ratio is the baseline's median time over its own median, both
+    from those rounds: a change in the machine's speed or load during the run affects both sides alike.
+    """
     from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 
     images = images.to(device)
     batch = len(images)
     baseline = PerlinAnomalyGenerator(probability=1.0)
-    base_ips = batch / time_call(lambda: baseline(images), repeats, device)
-    print(f"\n{label}: batch {batch}x{images.shape[1]}x{images.shape[2]}x{images.shape[3]}")
-    print(f"{'synthesizer':<34}{'img/s':>8}{'x anomalib':>12}{'target':>8}  ok")
-    print(f"{'anomalib PerlinAnomalyGenerator':<34}{base_ips:>8.0f}{1.0:>12.2f}")
     generator = torch.Generator().manual_seed(0)
-    failed = []
+    rows, base_times = [], []
     for name in names:
         synth = get(name).to(device)
-        ips = batch / time_call(lambda s=synth: s(images, generator=generator), repeats, device)
-        ratio = ips / base_ips
+        call = lambda s=synth: s(images, generator=generator)  # noqa: E731
+        time_call(lambda: baseline(images), device), time_call(call, device)  # warm-up
+        rounds = [(time_call(lambda: baseline(images), device), time_call(call, device)) for _ in range(repeats)]
+        base, own = (statistics.median(t) for t in zip(*rounds))
+        base_times += [t for t, _ in rounds]
+        rows.append((name, batch / own, base / own))
+    print(f"\n{label}: batch {batch}x{images.shape[1]}x{images.shape[2]}x{images.shape[3]}")
+    print(f"{'synthesizer':<34}{'img/s':>8}{'x anomalib':>12}{'target':>8}  ok")
+    print(f"{'anomalib PerlinAnomalyGenerator':<34}{batch / statistics.median(base_times):>8.0f}{1.0:>12.2f}")
+    failed = []
+    for name, ips, ratio in rows:
         target = TARGETS.get(name) if targets else None
         verdict = "" if target is None else f"{target:>7.0f}x  {'yes' if ratio >= target else 'NO'}"
         failed += [name] if target is not None and ratio < target else []
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, args.size, args.repeats = 4, 64, 1
     names = args.synthesizers.split(",")
     print(f"{args.device}, torch threads {torch.get_num_threads()}, default arguments, "
-          f"median of {args.repeats} calls after a warm-up")  # fmt: skip
+          f"median of {args.repeats} alternating rounds after a warm-up")  # fmt: skip
     source = args.data_root or "scikit-image photos"
     failed = run(f"real photos ({source})", photo_batch(args.batch, args.size, args.data_root), names, args.repeats,
                  args.device, targets=not args.quick)  # fmt: skip

@@ -15,6 +15,8 @@ from conftest import gen
 from anomalib_synth import metrics
 from anomalib_synth.synthesizers import SynthesisResult
 from anomalib_synth.synthesizers.ops import (
+    all_per_sample,
+    any_per_sample,
     binary_dilate,
     area_majority,
     binary_open_close,
@@ -22,6 +24,7 @@ from anomalib_synth.synthesizers.ops import (
     fill_holes,
     fill_holes_torch,
     rotated_rect_mask,
+    rotation_grid,
     sample_at,
     sample_derangement,
     sample_points,
@@ -219,11 +222,11 @@ def test_choose_k_of_n_and_sample_points() -> None:
 def test_sample_points_of_a_mask_equal_the_float_cdf_and_share_one_cdf_per_image() -> None:
     masks = _blobs(4, 37, 29, 0.3, 7).squeeze(1)
     masks[2] = False  # empty: uniform over the image
-    u = torch.rand(4, 5, generator=gen(8))
+    u = torch.rand(4, 64, generator=gen(8))
     u[0, 0], u[1, 0] = 0.0, 1 - 2**-24  # the ends of the CDF
     got = sample_points(masks, u)
-    assert got.shape == (4, 5, 2)
-    for k in range(5):
+    assert got.shape == (4, 64, 2)
+    for k in range(64):
         ref = sample_points(masks.float(), u[:, k])  # the float CDF, one point per image
         assert torch.equal(got[:, k], ref), k
     y, x = got[..., 0].long(), got[..., 1].long()
@@ -248,6 +251,26 @@ def test_sample_at_equals_dense_grid_sample() -> None:
     ref = torch.stack([sample_at(images[i : i + 1], torch.zeros(1, dtype=torch.long), sy[n : n + 1], sx[n : n + 1])[0]
                        for n, i in enumerate(down.tolist())])  # fmt: skip
     assert torch.equal(sample_at(images, down, sy, sx), ref)
+
+
+def test_any_and_all_per_sample_equal_torch_any_and_all() -> None:
+    masks = torch.rand(6, 1, 9, 7, generator=gen(3)) > 0.2
+    masks[0], masks[1], masks[2] = False, True, False
+    masks[2, 0, 4, 5] = True
+    for m in (masks, masks.transpose(-1, -2)):  # contiguous and not
+        assert torch.equal(any_per_sample(m), m.flatten(1).any(1))
+        assert torch.equal(all_per_sample(m), m.flatten(1).all(1))
+    assert any_per_sample(masks).tolist()[:3] == [False, True, True] and all_per_sample(masks).tolist()[:3] == [
+        False, True, False]  # fmt: skip
+
+
+def test_rotation_grid_equals_affine_grid() -> None:
+    angle = torch.rand(5, generator=gen(2)) * 6 - 3
+    for h, w in ((16, 16), (12, 20)):
+        cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
+        theta = torch.stack((torch.stack((cos, -sin * h / w, zero), -1), torch.stack((sin * w / h, cos, zero), -1)), 1)
+        ref = F.affine_grid(theta, [5, 1, h, w], align_corners=False)
+        assert torch.allclose(rotation_grid((h, w), angle), ref, atol=1e-6)
 
 
 def test_rotated_rect_mask_area_and_rotation() -> None:

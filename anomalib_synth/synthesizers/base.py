@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .ops import any_per_sample
+
 Params = dict[str, Tensor]
 
 __all__ = [
@@ -241,7 +243,8 @@ class Synthesizer(nn.Module):
         labels: Tensor | None = None,
     ) -> SynthesisResult:
         """Build the result: cast back to the input dtype, derive labels (unless given), export params as JSON."""
-        labels = masks.flatten(1).any(1) if labels is None else labels
+        if labels is None:
+            labels = any_per_sample(masks if masks.dtype == torch.bool else masks != 0)
         if out.dtype != images.dtype:  # computed in float32: keep the input's own values outside the mask
             out = torch.where(masks, out.to(images.dtype), images)
         return SynthesisResult(

@@ -178,33 +178,37 @@ class CutPasteSynthesizer(Synthesizer):
         restrict = params.get("fg_partial") if fg is not None and self.source_foreground else None
         if fg is not None and self.source_foreground and restrict is None:
             restrict = partial_foreground(fg)
+        labels = torch.zeros(b, dtype=torch.bool, device=x.device)
         for k in range(params["source_index"].shape[1]):
             centre = params["centre"][:, k].to(x)
             angle = torch.deg2rad(params["angle"][:, k].to(x))
             half = torch.stack((params["height"][:, k], params["width"][:, k]), -1).to(x) / 2
-            n, y, xx = rect_pixels((h, w), centre, half, angle, params["num_defects"] > k, fg)
-            uy, ux = to_local(y.to(x) + 0.5, xx.to(x) + 0.5, centre[n], angle[n])
+            n, y, xx, uy, ux = rect_pixels((h, w), centre, half, angle, params["num_defects"] > k, fg)
             source = params["source_index"][:, k]
-            src = params["source_centre"][:, k].to(x)[n]
+            src = params["source_centre"][:, k].to(x).index_select(0, n)
             sy, sx = src[:, 0] + uy, src[:, 1] + ux
             if restrict is not None:  # leave out the pixels whose source is background
-                donor = source[n]
-                keep = ~restrict[donor] | fg[donor, 0, sy.long().clamp(0, h - 1), sx.long().clamp(0, w - 1)]
-                n, y, xx, sy, sx = n[keep], y[keep], xx[keep], sy[keep], sx[keep]
-            values = sample_at(x, source[n], sy, sx)
+                donor = source.index_select(0, n)
+                at = (donor * h + sy.long().clamp(0, h - 1)) * w + sx.long().clamp(0, w - 1)
+                keep = (~restrict.index_select(0, donor) | fg.view(-1).index_select(0, at)).nonzero().squeeze(1)
+                n, y, xx = torch.stack((n, y, xx)).index_select(1, keep)
+                sy, sx = torch.stack((sy, sx)).index_select(1, keep)
+            values = sample_at(x, source.index_select(0, n), sy, sx, presorted=self.source == "same")
             jit = jitter[:, k]
             out[n, :, y, xx] = jitter_pixels(
                 values, n, 1 + jit[:, 0], 1 + jit[:, 1], 1 + jit[:, 2], jit[:, 3] * math.pi, luma[source]
             )
             mask[n, 0, y, xx] = True
-        return self._result(images, out, mask, params, self._param_keys)
+            labels[n] = True
+        return self._result(images, out, mask, params, self._param_keys, labels)
 
 
 def rect_pixels(
     size: tuple[int, int], centre: Tensor, half: Tensor, angle: Tensor, active: Tensor, fg: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Indices ``(b, y, x)`` (row-major per sample) of the pixels of :func:`rotated_rect_mask` in the samples
-    ``active`` ``[B]``, inside ``fg`` if given.
+    ``active`` ``[B]``, inside ``fg`` if given, and their coordinates ``(uy, ux)`` in the rectangle's frame
+    (:func:`~anomalib_synth.synthesizers.ops.to_local` of the pixel centres).
 
     The same test as :func:`rotated_rect_mask` (so the same pixels), evaluated only in a window around each
     rectangle: its bounding box, as large as the largest of the batch, plus a pixel of margin.
@@ -224,5 +228,7 @@ def rect_pixels(
     inside = (uy.abs() <= half[:, 0].view(view)) & (ux.abs() <= half[:, 1].view(view)) & active.view(view)
     if fg is not None:
         inside &= fg.view(b, h * w).gather(1, (ys * w + xs).view(b, -1)).view(b, sh, sw)
-    n, wy, wx = inside.nonzero(as_tuple=True)
-    return n, top[n] + wy, left[n] + wx
+    at = inside.view(-1).nonzero().squeeze(1)
+    n, wy, wx = at // (sh * sw), at % (sh * sw) // sw, at % sw
+    return (n, top.index_select(0, n) + wy, left.index_select(0, n) + wx, uy.reshape(-1).index_select(0, at),
+            ux.reshape(-1).index_select(0, at))

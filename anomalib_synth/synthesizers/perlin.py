@@ -35,6 +35,7 @@ from torch import Tensor
 from ..io import load_texture_bank
 from .base import Params, SynthesisResult, Synthesizer
 from .ops import (
+    apply_color_matrix,
     area_majority,
     choose_k_of_n,
     color_matrix,
@@ -75,7 +76,8 @@ def perlin_noise(size: tuple[int, int], res_y: Tensor, res_x: Tensor, angles: Te
 
     Perlin noise at ``(y, x)`` is ``sum_ij Wy_i(y) Wx_j(x) (gx_ij (x - j) + gy_ij (y - i))`` over lattice points
     ``(i, j)`` with unit gradients ``(gy, gx)`` and faded interpolation weights ``W``. That sum factorises into
-    ``Wy @ Gx @ Dx^T + Dy @ Gy @ Wx^T`` with ``D = W * offset``, so the whole batch costs two batched matmuls.
+    ``Wy @ Gx @ Dx^T + Dy @ Gy @ Wx^T`` with ``D = W * offset``, evaluated as ``[Wy Gx, Dy Gy] @ [Dx, Wx]^T``:
+    three batched matmuls for the whole batch (the sum folded into the last product's inner dimension).
 
     Args:
         size: ``(H, W)`` of the noise maps.
@@ -90,7 +92,7 @@ def perlin_noise(size: tuple[int, int], res_y: Tensor, res_x: Tensor, angles: Te
     wy, dy = _lattice_weights(h, res_y, lattice)
     wx, dx = _lattice_weights(w, res_x, lattice)
     gx, gy = torch.cos(angles), torch.sin(angles)
-    noise = wy @ gx @ dx.transpose(1, 2) + dy @ gy @ wx.transpose(1, 2)
+    noise = torch.cat((wy @ gx, dy @ gy), 2) @ torch.cat((dx, wx), 2).transpose(1, 2)
     return (math.sqrt(2) * noise).unsqueeze(1)
 
 
@@ -146,11 +148,11 @@ def apply_augment(values: Tensor, b: Tensor, p: Params, low: Tensor, high: Tenso
             levels.view(-1, 1),
         ),
         dim=1,
-    )[b]  # one gather: [N, C*C + C + 3]
+    ).index_select(0, b)  # one gather: [N, C*C + C + 3] (``index_select``: several times faster than ``[b]``)
     cc = c * c
     matrix, bias = per_sample[:, :cc].view(-1, c, c), per_sample[:, cc : cc + c]
     gamma, solarize, levels = per_sample[:, cc + c :].split(1, dim=1)
-    values = torch.einsum("nij,nj->ni", matrix, values) if c == 3 else values * matrix[:, 0]
+    values = apply_color_matrix(matrix, values) if c == 3 else values * matrix[:, 0]
     values = values.add_(bias).clamp_(0, 1)
     if bool(on[:, 0].any()):
         values = values.pow_(gamma)
@@ -260,11 +262,10 @@ class PerlinSynthesizer(Synthesizer):
 
     def apply(self, images: Tensor, params: Params) -> SynthesisResult:
         x = images.float()
-        mask = self._mask(params, x.shape[-2:])
-        b, y, xx = mask_pixels(mask)
+        mask, (b, y, xx) = self._mask(params, x.shape[-2:])
         source, low, high = self._source(x, params, b, y, xx)
         source = apply_augment(source, b, params, low, high)
-        beta = params["beta"].to(x)[b].unsqueeze(1)
+        beta = params["beta"].to(x).index_select(0, b).unsqueeze(1)
         out = x.clone()
         out[b, :, y, xx] = torch.lerp(x[b, :, y, xx], source, beta)
         labels = torch.bincount(b, minlength=x.shape[0]) > 0  # from the pixel list: no pass over the mask
@@ -273,7 +274,7 @@ class PerlinSynthesizer(Synthesizer):
 
     def sample_masks(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Tensor:
         """Only the masks (bool ``[B, 1, H, W]``) this synthesizer would draw: the mask generator of other methods."""
-        return self._mask(self.sample_params(images, fg_masks, generator), images.shape[-2:])
+        return self._mask(self.sample_params(images, fg_masks, generator), images.shape[-2:])[0]
 
     def _noise(self, params: Params, size: tuple[int, int]) -> Tensor:
         """Rotated Perlin noise at up to 128 px on the short side (upsampled later by :meth:`_mask`)."""
@@ -287,8 +288,10 @@ class PerlinSynthesizer(Synthesizer):
         grid = rotation_grid(small, torch.deg2rad(params["angle"].float()))
         return F.grid_sample(noise, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
-    def _mask(self, params: Params, size: tuple[int, int]) -> Tensor:
-        """Threshold the noise: per-sample thresholds are found on the small map, then applied at full size."""
+    def _mask(self, params: Params, size: tuple[int, int]) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """Threshold the noise: per-sample thresholds are found on the small map, then applied at full size.
+
+        Returns the mask and its pixels (:func:`~anomalib_synth.synthesizers.ops.mask_pixels`)."""
         fg = params.get("fg")
         noise = self._noise(params, size)
         candidates = noise
@@ -309,14 +312,17 @@ class PerlinSynthesizer(Synthesizer):
             noise = F.interpolate(noise, size=size, mode="bilinear", align_corners=False)
         threshold = threshold.view(-1, 1, 1, 1)
         if fg is None:
-            return noise >= threshold
+            mask = noise >= threshold
+            return mask, mask_pixels(mask)
         # the threshold was found on the small map: never let it exceed the best full-size foreground pixel (only
-        # needed where no foreground pixel reaches it, so that pass is skipped when all do)
+        # needed where no foreground pixel reaches it, so that pass is skipped when all samples have pixels)
         mask = (noise >= threshold) & fg
-        if bool(mask.flatten(1).any(1).all()):
-            return mask
+        pixels = mask_pixels(mask)
+        if bool((torch.bincount(pixels[0], minlength=mask.shape[0]) > 0).all()):
+            return mask, pixels
         best = noise.masked_fill(~fg, float("-inf")).amax(dim=(1, 2, 3), keepdim=True)
-        return (noise >= torch.minimum(threshold, best)) & fg
+        mask = (noise >= torch.minimum(threshold, best)) & fg
+        return mask, mask_pixels(mask)
 
     def _source(self, x: Tensor, params: Params, b: Tensor, y: Tensor, xx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Anomaly-source values at the masked pixels ``[N, C]``, and per-sample source extremes ``[B, C]``."""
@@ -343,7 +349,7 @@ class PerlinSynthesizer(Synthesizer):
                 shift[:, 1] - cos * w / 2 - sin * h / 2, sin, cos,
             ),
             dim=1,
-        )[b]  # fmt: skip
+        ).index_select(0, b)  # fmt: skip
         sy = torch.addcmul(torch.addcmul(affine[:, 0], affine[:, 1], py), affine[:, 2], px)
         sx = torch.addcmul(torch.addcmul(affine[:, 3], affine[:, 4], py), affine[:, 5], px)
         # nearest-neighbour lookup, wrapping around the borders: a rotated copy of the image needs no interpolation
