@@ -295,3 +295,14 @@ def test_source_foreground_keeps_texture_outputs(name: str, photos: torch.Tensor
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
     with pytest.raises(ValueError, match="source_foreground must be True or False, got 'no'"):
         get(name, source_foreground="no")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_non_contiguous_images_give_the_contiguous_result(name: str, photos: torch.Tensor) -> None:
+    """Synthesizers index pixels through flat views: a channels-last or strided batch must give the same result."""
+    images = photos[:2]
+    ref = get(name)(images, generator=gen(5))
+    for layout in (images.contiguous(memory_format=torch.channels_last), images.transpose(-1, -2).transpose(-1, -2),
+                   torch.cat((images, images), -1)[..., : images.shape[-1]]):  # fmt: skip
+        out = get(name)(layout, generator=gen(5))
+        assert torch.equal(out.images, ref.images) and torch.equal(out.masks, ref.masks), layout.stride()

@@ -191,8 +191,7 @@ class CutPasteSynthesizer(Synthesizer):
                 donor = source.index_select(0, n)
                 at = (donor * h + sy.long().clamp(0, h - 1)) * w + sx.long().clamp(0, w - 1)
                 keep = (~restrict.index_select(0, donor) | fg.view(-1).index_select(0, at)).nonzero().squeeze(1)
-                n, y, xx = torch.stack((n, y, xx)).index_select(1, keep)
-                sy, sx = torch.stack((sy, sx)).index_select(1, keep)
+                n, y, xx, sy, sx = (t.index_select(0, keep) for t in (n, y, xx, sy, sx))
             values = sample_at(x, source.index_select(0, n), sy, sx, presorted=self.source == "same")
             jit = jitter[:, k]
             out[n, :, y, xx] = jitter_pixels(
@@ -228,7 +227,7 @@ def rect_pixels(
     inside = (uy.abs() <= half[:, 0].view(view)) & (ux.abs() <= half[:, 1].view(view)) & active.view(view)
     if fg is not None:
         inside &= fg.view(b, h * w).gather(1, (ys * w + xs).view(b, -1)).view(b, sh, sw)
-    at = inside.view(-1).nonzero().squeeze(1)
-    n, wy, wx = at // (sh * sw), at % (sh * sw) // sw, at % sw
+    n, wy, wx = inside.nonzero(as_tuple=True)
+    at = (n * sh + wy) * sw + wx  # multiply-adds: cheaper than splitting a flat index by integer division
     return (n, top.index_select(0, n) + wy, left.index_select(0, n) + wx, uy.reshape(-1).index_select(0, at),
             ux.reshape(-1).index_select(0, at))

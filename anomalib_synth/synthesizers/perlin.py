@@ -266,8 +266,9 @@ class PerlinSynthesizer(Synthesizer):
         source, low, high = self._source(x, params, b, y, xx)
         source = apply_augment(source, b, params, low, high)
         beta = params["beta"].to(x).index_select(0, b).unsqueeze(1)
-        out = x.clone()
-        out[b, :, y, xx] = torch.lerp(x[b, :, y, xx], source, beta)
+        out = x.clone(memory_format=torch.contiguous_format)  # so that ``out.flatten(2)`` is a view
+        at = y * x.shape[-1] + xx  # pixels indexed as (sample, channel, flat position): two index tensors, not three
+        out.flatten(2)[b, :, at] = torch.lerp(x.flatten(2)[b, :, at], source, beta)
         labels = torch.bincount(b, minlength=x.shape[0]) > 0  # from the pixel list: no pass over the mask
         keys = self._param_keys + (("target_area",) if self.area_range is not None else ())
         return self._result(images, out, mask, params, keys, labels)
@@ -356,7 +357,7 @@ class PerlinSynthesizer(Synthesizer):
         # to serve as an anomaly source
         sy = sy.floor().long().remainder_(h)
         sx = sx.floor().long().remainder_(w)
-        values = x[b, :, sy, sx]
+        values = x.flatten(2)[b, :, sy * w + sx]
         # autocontrast stretches the part of the source that is used, not the whole image (no full-image pass)
         index = b.unsqueeze(1).expand_as(values)
         low = values.new_full((x.shape[0], c), float("inf")).scatter_reduce(0, index, values, "amin")
