@@ -15,7 +15,7 @@ from .seeding import derive_seed
 from .synthesizers import SynthesisResult, Synthesizer
 from .writer import MVTecWriter
 
-__all__ = ["batch_seed", "synthesize_batch", "synthesize_to_folder"]
+__all__ = ["batch_seed", "synthesize_seeded_batch", "synthesize_to_folder"]
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -23,7 +23,7 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return derive_seed(seed, "batch", batch_index)
 
 
-def synthesize_batch(
+def synthesize_seeded_batch(
     synth: Synthesizer,
     images: torch.Tensor,
     seed: int,
@@ -71,7 +71,7 @@ def synthesize_to_folder(
             if all(i in done for i in ids):
                 continue
             source_ids = [source_of(i) for i in ids]
-            result = synthesize_batch(synth, load(source_ids), seed, batch_index, device)
+            result = synthesize_seeded_batch(synth, load(source_ids), seed, batch_index, device)
             areas = result.masks.flatten(1).mean(1).tolist()  # what the written masks cover, one host transfer
             for j, i in enumerate(ids):
                 if i in done:

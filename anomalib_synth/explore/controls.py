@@ -29,7 +29,7 @@ import yaml
 
 from ..synthesizers.base import Synthesizer, _jsonable
 
-__all__ = ["FOREGROUND_ARGUMENT", "Control", "changed_arguments", "derive_controls", "yaml_text"]
+__all__ = ["FOREGROUND_ARGUMENT", "Control", "changed_arguments", "derive_controls", "plain", "yaml_text"]
 
 FOREGROUND_ARGUMENT = "foreground"
 """Set by the explorer's foreground mode (auto / none / drawn) rather than by a control of its own."""
@@ -63,7 +63,7 @@ class Control:
         """The default as the page shows it: ``(min, max)`` for a range, YAML text for ``"yaml"``, ``""`` for no
         text."""
         if self.kind == "range":
-            return (None, None) if self.default is None else tuple(self.default)
+            return ("", "") if self.default is None else tuple(self.default)
         if self.kind == "yaml":
             return yaml_text(self.default)
         if self.kind in ("text", "folder"):
@@ -77,7 +77,7 @@ class Control:
             ValueError: naming the argument, for a missing or unreadable value.
         """
         if self.kind == "range":
-            low, high = raw if raw is not None else (None, None)
+            low, high = (None if v == "" else v for v in raw) if raw is not None else (None, None)
             if low is None and high is None and self.optional:
                 return None
             if low is None or high is None:
@@ -85,7 +85,7 @@ class Control:
                 raise ValueError(msg)
             return (self._number(low), self._number(high))
         if self.kind in ("integer", "number"):
-            if raw is None or raw == "":
+            if raw is None or str(raw).strip() == "":
                 if self.optional:
                     return None
                 msg = f"{self.name} needs a number"
@@ -113,9 +113,20 @@ class Control:
         return float(value)
 
 
+def plain(value: Any) -> Any:
+    """``value`` as YAML and the recorded config write it: tuples as lists, an ``Enum`` member as its name."""
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    return _jsonable(value)
+
+
 def yaml_text(value: Any) -> str:
     """``value`` as one line of flow-style YAML (``[0.2, 1.0]``, ``0.5``, ``auto``, ``null``)."""
-    text = yaml.safe_dump(_jsonable(value), default_flow_style=True, width=10**6).strip()
+    text = yaml.safe_dump(plain(value), default_flow_style=True, width=10**6).strip()
     return text.removesuffix("...").strip()
 
 
@@ -132,7 +143,7 @@ def derive_controls(cls: type[Synthesizer]) -> tuple[Control, ...]:
         if name in cls.config_ignore or name == FOREGROUND_ARGUMENT:
             continue
         default = defaults.get(name, None if parameter.default is inspect.Parameter.empty else parameter.default)
-        controls.append(_control(cls, name, hint, _jsonable(default)))
+        controls.append(_control(cls, name, hint, plain(default)))
     return tuple(controls)
 
 
@@ -148,7 +159,7 @@ def changed_arguments(controls: Sequence[Control], values: Mapping[str, Any]) ->
         if control.name not in values:
             continue
         value = control.to_argument(values[control.name])
-        if _jsonable(value) != control.default:
+        if plain(value) != control.default:
             arguments[control.name] = value
     return arguments
 
@@ -193,8 +204,7 @@ def _control(cls: type[Synthesizer], name: str, hint: Any, default: Any) -> Cont
     if origin is Literal:
         return Control(name, "choice", default, tuple(str(a) for a in args), optional=optional)
     if inspect.isclass(hint) and issubclass(hint, enum.Enum):
-        value = default.name if isinstance(default, enum.Enum) else default
-        return Control(name, "choice", value, tuple(m.name for m in hint), optional=optional, enum_type=hint)
+        return Control(name, "choice", default, tuple(m.name for m in hint), optional=optional, enum_type=hint)
     if hint is bool or (hint is None and isinstance(default, bool)):
         return Control(name, "flag", default, optional=optional)
     if origin is tuple and len(args) == 2 and all(a in (int, float) for a in args) and len(set(args)) == 1:

@@ -15,8 +15,7 @@ from typing import Any
 import yaml
 
 from ..synthesizers import Synthesizer
-from ..synthesizers.base import _jsonable
-from .controls import FOREGROUND_ARGUMENT, yaml_text
+from .controls import FOREGROUND_ARGUMENT, plain, yaml_text
 
 __all__ = ["DRAWN_NOTE", "class_path", "generate_command", "synthesizer_block"]
 
@@ -46,9 +45,9 @@ def class_path(cls: type[Synthesizer]) -> str:
 
 def synthesizer_block(cls: type[Synthesizer], arguments: Mapping[str, Any], drawn: bool = False) -> str:
     """The ``synthesizer:`` block of a ``configs/data/*.yaml`` file for ``cls(**arguments)``."""
-    block = {"synthesizer": {"class_path": class_path(cls), "init_args": _jsonable(dict(arguments))}}
+    block = {"synthesizer": {"class_path": class_path(cls), "init_args": plain(dict(arguments))}}
     text = yaml.dump(block, Dumper=_FlowListDumper, sort_keys=False, default_flow_style=False, width=10**6)
-    header = f"# anomalib-synth explore: paste under init_args of a SyntheticAnomalyDataModule config\n"
+    header = "# anomalib-synth explore: paste under init_args of a SyntheticAnomalyDataModule config\n"
     if drawn:
         header += f"# NOTE: {DRAWN_NOTE}\n"
     return header + text

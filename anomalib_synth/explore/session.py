@@ -3,7 +3,7 @@ and command that reproduce it.
 
 :meth:`Explorer.preview` synthesizes exactly what ``anomalib-synth generate`` writes for the same settings: the same
 images (:func:`~anomalib_synth.explore.sources.load_batch`), batch 0 of the seed
-(:func:`~anomalib_synth.synthesis.synthesize_batch`), on the CPU.
+(:func:`~anomalib_synth.synthesis.synthesize_seeded_batch`), on the CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torchvision.utils import make_grid
 from .. import metrics
 from ..demo import overlay
 from ..io import to_uint8
-from ..synthesis import synthesize_batch
+from ..synthesis import synthesize_seeded_batch
 from ..synthesizers import SynthesisResult, Synthesizer, available, get_class
 from ..synthesizers.registry import constructor_arguments, get
 from .availability import offline_arguments, unavailable_reason
@@ -155,7 +155,7 @@ class Explorer:
         fg_masks = self._fg_masks(request, entry, notes)
         start = time.perf_counter()
         with torch.inference_mode():
-            result = synthesize_batch(synth, images, request.seed, 0, "cpu", fg_masks)
+            result = synthesize_seeded_batch(synth, images, request.seed, 0, "cpu", fg_masks)
         ms = (time.perf_counter() - start) * 1000 / len(images)
         drawn = request.foreground == "drawn"
         return Preview(
