@@ -120,6 +120,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explore(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        msg = 'the explorer needs Gradio, an optional extra: pip install -e ".[explore]"'
+        raise ValueError(msg)
+    from .explore.app import launch
+
+    print(f"anomalib-synth explore: http://{args.host}:{args.port}/ (Ctrl-C stops it)")
+    launch(args.images, host=args.host, port=args.port, size=args.size, batch_size=args.batch_size, quiet=True)
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import EvalConfig, evaluate
 
@@ -295,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unreadable source files: skip them with a warning (default) or stop")  # fmt: skip
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("explore", help="a local web page to try every synthesizer and copy its config (Gradio)")
+    p.add_argument("--images", default=None, metavar="FOLDER",
+                   help="images to try them on: a folder, or an MVTec-style root (default: scikit-image's photos)")  # fmt: skip
+    p.add_argument("--port", type=_positive, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--size", type=_positive, default=256, help="image size shown first (default 256)")
+    p.add_argument("--batch-size", type=_positive, default=4, help="batch shown first (default 4)")
+    p.set_defaults(func=_cmd_explore)
 
     p = sub.add_parser("evaluate", help="k-shot evaluation on real defects (MVTec layout)")
     p.add_argument("--data-root", required=True, help="folder holding <category>/train/good, test/, ground_truth/")

@@ -12,15 +12,31 @@ import torch
 from tqdm.auto import tqdm
 
 from .seeding import derive_seed
-from .synthesizers import Synthesizer
+from .synthesizers import SynthesisResult, Synthesizer
 from .writer import MVTecWriter
 
-__all__ = ["batch_seed", "synthesize_to_folder"]
+__all__ = ["batch_seed", "synthesize_seeded_batch", "synthesize_to_folder"]
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
     """Seed of batch ``batch_index``: independent of which batches were already done, so resumed runs match."""
     return derive_seed(seed, "batch", batch_index)
+
+
+def synthesize_seeded_batch(
+    synth: Synthesizer,
+    images: torch.Tensor,
+    seed: int,
+    batch_index: int,
+    device: torch.device | str = "cpu",
+    fg_masks: torch.Tensor | None = None,
+) -> SynthesisResult:
+    """Batch ``batch_index`` of a run with base ``seed``: ``images`` moved to ``device`` and synthesized with a generator
+    seeded by :func:`batch_seed` (what :func:`synthesize_to_folder` writes, and what ``anomalib-synth explore``
+    shows)."""
+    generator = torch.Generator().manual_seed(batch_seed(seed, batch_index))
+    masks = None if fg_masks is None else fg_masks.to(device)
+    return synth(images.to(device), masks, generator=generator)
 
 
 def synthesize_to_folder(
@@ -55,8 +71,7 @@ def synthesize_to_folder(
             if all(i in done for i in ids):
                 continue
             source_ids = [source_of(i) for i in ids]
-            generator = torch.Generator().manual_seed(batch_seed(seed, batch_index))
-            result = synth(load(source_ids).to(device), generator=generator)
+            result = synthesize_seeded_batch(synth, load(source_ids), seed, batch_index, device)
             areas = result.masks.flatten(1).mean(1).tolist()  # what the written masks cover, one host transfer
             for j, i in enumerate(ids):
                 if i in done:
