@@ -106,7 +106,8 @@ class AnomalyControlSynthesizer(ReferenceDefectSynthesizer):
         super().__init__(**kwargs)
         adapter = adapter or model
         if adapter is None or references is None:
-            msg = "AnomalyControlSynthesizer needs adapter=DIR (from `anomalib-synth train control`) and references="
+            msg = ("AnomalyControlSynthesizer needs adapter=DIR (from `anomalib-synth train control`) and "
+                   "references=PATH (a JSON list or a folder of reference defects)")  # fmt: skip
             raise ValueError(msg)
         self.adapter_path, self.references_path = str(adapter), str(references)
         self.references = load_references(references)
