@@ -275,17 +275,33 @@ def test_model_and_data_files_train_one_epoch_on_tiny_data(tmp_path, tiny) -> No
                        "--model.pre_processor", _resize(64), "--trainer.num_sanity_val_steps", "0",
                        "--default_root_dir", str(tmp_path / "draem"), *common],
     }  # fmt: skip
+    # the explorer's "copy config" block, pasted as text into folder_perlin.yaml in place of its synthesizer block
+    from anomalib_synth.explore.session import Explorer, Request
+
+    copied = Explorer().preview(Request("cutpaste", {"area_range": ("0.05", "0.1")}, size=64, batch_size=2)).yaml
+    shipped = (data / "folder_perlin.yaml").read_text()
+    start, end = shipped.index("  synthesizer:\n"), shipped.index("  mode: online")
+    pasted = "".join(f"  {line}\n" for line in copied.splitlines())
+    explored = shipped[:start] + pasted + shipped[end:]
+    explored = explored.replace("datamodule: folder.yaml", f"datamodule: {data}/folder.yaml")
+    (tmp_path / "explored.yaml").write_text(explored)
+    runs["explorer_block"] = [*runs["folder_online"][:3], str(tmp_path / "explored.yaml"), *runs["folder_online"][4:]]
+    runs["explorer_block"][runs["explorer_block"].index("--default_root_dir") + 1] = str(tmp_path / "explored")
     command = [sys.executable, "-c", TRAIN_RUNS, json.dumps(runs)]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
     assert [line for line in result.stdout.splitlines() if line.startswith("RUN ")] == [
         f"RUN {name} 0" for name in runs], result.stderr[-3000:]  # fmt: skip
     assert "SWAPPED Draem augmenter CutPasteSynthesizer" in result.stdout
     for run, model_name, data_name in (("online", "Supersimplenet", "tiny"), ("cache_run", "Supersimplenet", "MVTecAD"),
-                                       ("draem", "Draem", "MVTecAD")):  # fmt: skip
+                                       ("draem", "Draem", "MVTecAD"), ("explored", "Supersimplenet", "tiny")):  # fmt: skip
         results = tmp_path / run / model_name / data_name
         assert list(results.rglob("*.ckpt")), f"{run}: a checkpoint was saved"
         saved = yaml.safe_load(next(results.rglob("config.yaml")).read_text())
         assert saved["trainer"]["max_epochs"] == 1
+        if run == "explored":  # the run used the pasted block's synthesizer and arguments
+            used, block = saved["data"]["init_args"]["synthesizer"], yaml.safe_load(copied)["synthesizer"]
+            assert used["class_path"] == block["class_path"] == "anomalib_synth.synthesizers.CutPasteSynthesizer"
+            assert {k: used["init_args"][k] for k in block["init_args"]} == block["init_args"] != {}
     manifests = list((tmp_path / "cache").rglob("manifest.jsonl"))
     records = [json.loads(line) for m in manifests for line in m.read_text().splitlines()]
     inpainted = [r for r in records if r["synthesizer"] == "inpainting"]

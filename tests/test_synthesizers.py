@@ -306,3 +306,22 @@ def test_non_contiguous_images_give_the_contiguous_result(name: str, photos: tor
                    torch.cat((images, images), -1)[..., : images.shape[-1]]):  # fmt: skip
         out = get(name)(layout, generator=gen(5))
         assert torch.equal(out.images, ref.images) and torch.equal(out.masks, ref.masks), layout.stride()
+
+
+@pytest.mark.parametrize("size", [(256, 256), (200, 130), (100, 100), (257, 300)])
+def test_perlin_coarse_foreground_shortcut_equals_the_area_majority(size: tuple[int, int]) -> None:
+    """With ``foreground="auto"`` perlin takes the noise-size foreground from the coarse estimate; the masks equal
+    those made from the area majority of the full-size estimate."""
+    images = torch.full((3, 3, *size), 0.2)
+    images[:, :, size[0] // 4 : size[0] * 3 // 4, size[1] // 5 : size[1] // 2] = torch.rand(3, 3, 1, 1, generator=gen(0))
+    synth = get("perlin")
+    params = synth.sample_params(images, None, gen(1))
+    assert ("fg_noise" in params) == (size != (257, 300)), "the shortcut applies where the blocks nest exactly"
+    if "fg_noise" in params:
+        from anomalib_synth.synthesizers.ops import area_majority
+
+        assert torch.equal(params["fg_noise"], area_majority(params["fg"], params["fg_noise"].shape[-2:]))
+    fast = synth._mask(params, size)[0]
+    params.pop("fg_noise", None)
+    assert torch.equal(fast, synth._mask(params, size)[0])
+    assert fast.any() and not (fast & ~params["fg"]).any()

@@ -47,7 +47,13 @@ from .ops import (
     to_grayscale,
     uniform,
 )
-from .placement import DEFAULT_FOREGROUND, check_foreground_mode, resolve_foreground
+from .placement import (
+    DEFAULT_FOREGROUND,
+    check_foreground_mode,
+    estimate_foreground_coarse,
+    resolve_foreground,
+    upsample_nearest,
+)
 from .registry import register
 from .validation import check_range
 
@@ -161,6 +167,13 @@ def apply_augment(values: Tensor, b: Tensor, p: Params, low: Tensor, high: Tenso
     return values.mul_(levels).floor_().div_(levels)
 
 
+def _noise_size(size: tuple[int, int]) -> tuple[tuple[int, int], int]:
+    """The size the noise is evaluated at (up to 128 px on the short side) and the integer factor to ``size``."""
+    h, w = size
+    factor = max(1, min(h, w) // 128)
+    return (math.ceil(h / factor), math.ceil(w / factor)), factor
+
+
 @register("perlin")
 class PerlinSynthesizer(Synthesizer):
     """DRAEM-style anomalies: a thresholded Perlin mask filled with an augmented texture or the image itself.
@@ -255,8 +268,18 @@ class PerlinSynthesizer(Synthesizer):
             "source_angle": uniform(-180, 180, (b,), generator, device),
         }
         params.update(sample_augment_params(b, self.n_augment, generator, device))
-        fg = resolve_foreground(images, fg_masks, self.foreground)
-        if fg is not None:
+        if fg_masks is None and self.foreground == "auto":
+            coarse, step = estimate_foreground_coarse(images)
+            params["fg"] = upsample_nearest(coarse, step, images.shape[-2:]) if step > 1 else coarse
+            small, factor = _noise_size(images.shape[-2:])
+            h, w = images.shape[-2:]
+            exact = (h, w) == (small[0] * factor, small[1] * factor) == (coarse.shape[-2] * step, coarse.shape[-1] * step)
+            if exact and step % factor == 0:
+                # each noise pixel covers a block of the full-size mask inside one of its coarse blocks: the area
+                # majority of that block is the coarse value (what :meth:`_mask` would compute, at a fraction of
+                # the cost)
+                params["fg_noise"] = upsample_nearest(coarse, step // factor, small)
+        elif (fg := resolve_foreground(images, fg_masks, self.foreground)) is not None:
             params["fg"] = fg
         return params
 
@@ -279,9 +302,7 @@ class PerlinSynthesizer(Synthesizer):
 
     def _noise(self, params: Params, size: tuple[int, int]) -> Tensor:
         """Rotated Perlin noise at up to 128 px on the short side (upsampled later by :meth:`_mask`)."""
-        h, w = size
-        factor = max(1, min(h, w) // 128)
-        small = (math.ceil(h / factor), math.ceil(w / factor))
+        small, _ = _noise_size(size)
         # at most one lattice cell per 2 noise pixels, so that tiny images still get varied noise
         res_y = params["res_y"].clamp(1, max(1, small[0] // 2))
         res_x = params["res_x"].clamp(1, max(1, small[1] // 2))
@@ -297,7 +318,9 @@ class PerlinSynthesizer(Synthesizer):
         noise = self._noise(params, size)
         candidates = noise
         if fg is not None:
-            fg_small = area_majority(fg, noise.shape[-2:])
+            fg_small = params.get("fg_noise")
+            if fg_small is None:
+                fg_small = area_majority(fg, noise.shape[-2:])
             candidates = noise.masked_fill(~fg_small, float("-inf"))
         candidates = candidates.flatten(1)
         n_pixels = candidates.shape[1]

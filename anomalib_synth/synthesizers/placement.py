@@ -66,13 +66,21 @@ def estimate_foreground(
     ``work_size`` px) and each of its pixels stands for an ``s x s`` block, so its cost hardly grows with the image size. ``work_size=None``
     works at full size.
     """
-    b, _, h, w = images.shape
+    coarse, step = estimate_foreground_coarse(images, border_agreement, min_fraction, work_size)
+    return upsample_nearest(coarse, step, images.shape[-2:]) if step > 1 else coarse
+
+
+def estimate_foreground_coarse(
+    images: Tensor, border_agreement: float = 0.9, min_fraction: float = 0.01, work_size: int | None = 64
+) -> tuple[Tensor, int]:
+    """:func:`estimate_foreground` before its last step: the mask on every ``step``-th pixel, and ``step``
+    (``upsample_nearest(mask, step, (H, W))`` is the full-size estimate)."""
+    h, w = images.shape[-2:]
     step = 1 if work_size is None else max(1, min(h, w) // work_size)
     if step == 1:
-        return _estimate_foreground(images.float(), border_agreement, min_fraction)
+        return _estimate_foreground(images.float(), border_agreement, min_fraction), 1
     small = images[..., step // 2 :: step, step // 2 :: step].float().contiguous()  # strided views are slow
-    fg = _estimate_foreground(small, border_agreement, min_fraction)
-    return upsample_nearest(fg, step, (h, w))
+    return _estimate_foreground(small, border_agreement, min_fraction), step
 
 
 def upsample_nearest(mask: Tensor, step: int, size: tuple[int, int]) -> Tensor:
