@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from .errors import USER_ERRORS
+from .errors import USER_ERRORS, one_line
 
 ANOMALIB_COMMANDS = ("train", "fit", "validate", "test", "predict")
 """Subcommands handed to anomalib's CLI (with the plugin imported)."""
@@ -547,12 +547,6 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated
-
-
-def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line (multi-line messages from libraries are joined)."""
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    return text or type(err).__name__
 
 
 def offline_weights_hint(err: BaseException) -> str | None:

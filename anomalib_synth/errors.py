@@ -13,6 +13,7 @@ __all__ = [
     "ModelNotFoundError",
     "RunMismatchError",
     "UnsupportedImageError",
+    "one_line",
 ]
 
 
@@ -40,3 +41,9 @@ class RunMismatchError(ValueError):
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 """What the command line reports as one line: bad input (``ValueError``) and missing files or weights (``OSError``),
 which include every exception above."""
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (multi-line messages from libraries are joined)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__

@@ -15,6 +15,8 @@ from conftest import gen
 from anomalib_synth import metrics
 from anomalib_synth.synthesizers import SynthesisResult
 from anomalib_synth.synthesizers.ops import (
+    mask_pixels,
+    mask_positions,
     all_per_sample,
     any_per_sample,
     binary_dilate,
@@ -262,6 +264,14 @@ def test_any_and_all_per_sample_equal_torch_any_and_all() -> None:
         assert torch.equal(all_per_sample(m), m.flatten(1).all(1))
     assert any_per_sample(masks).tolist()[:3] == [False, True, True] and all_per_sample(masks).tolist()[:3] == [
         False, True, False]  # fmt: skip
+
+
+def test_mask_positions_are_the_mask_pixels_flattened() -> None:
+    mask = torch.rand(4, 1, 7, 9, generator=gen(6)) > 0.7
+    mask[2] = False
+    b, y, x = mask_pixels(mask)
+    pb, pos = mask_positions(mask)
+    assert torch.equal(pb, b) and torch.equal(pos, y * 9 + x)
 
 
 def test_rotation_grid_equals_affine_grid() -> None:

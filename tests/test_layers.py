@@ -20,7 +20,8 @@ LAYERS = {
     "generate": 5, "data": 5, "models": 5,
     "evaluation": 6, "scoring": 6, "toydata": 6, "docs_pages": 6,
     "demo": 7,
-    "cli": 8,
+    "explore": 8,
+    "cli": 9,
 }  # fmt: skip
 """Units of the package (first-level modules and subpackages), from the bottom up."""
 

@@ -62,7 +62,7 @@ def build_app(explorer: Explorer | None = None, size: int = 256, batch_size: int
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from ..cli import one_line
+    from ..errors import one_line
 
     explorer = explorer or Explorer()
     upload_folder = Path(tempfile.mkdtemp(prefix="anomalib_synth_explore_"))

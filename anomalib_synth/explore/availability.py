@@ -63,7 +63,7 @@ def unavailable_reason(
                 f"`hf download {model} --local-dir DIR` and set {key} to DIR")  # fmt: skip
     if named:
         return None
-    from ..cli import one_line
+    from ..errors import one_line
 
     try:
         cls(**{**(arguments or {}), **offline_arguments(cls)})

@@ -203,7 +203,7 @@ class Explorer:
 def _entry(name: str, description: str) -> Entry:
     """Import, derive the controls of, and check one registered synthesizer (a plugin that fails to import is
     listed with the reason)."""
-    from ..cli import one_line
+    from ..errors import one_line
 
     try:
         cls = get_class(name)
