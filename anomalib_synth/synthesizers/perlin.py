@@ -205,8 +205,8 @@ class PerlinSynthesizer(Synthesizer):
 
     description = "DRAEM-style Perlin-noise mask filled with a texture (e.g. DTD) or the image itself"
     cost = (
-        "No network. One batched pass: two matmuls for the noise at up to 128 px, then work on the masked "
-        "pixels only. About 8-10x anomalib's generator in images per second on one CPU thread "
+        "No network. One batched pass: three batched matmuls for the noise at up to 128 px, then work on the "
+        "masked pixels only. About 10x anomalib's generator in images per second on photos, 2 CPU threads "
         "(`benchmarks/classical_throughput.py`)."
     )
     texture_argument = "texture_dir"
