@@ -246,10 +246,10 @@ class Synthesizer(nn.Module):
         if labels is None:
             labels = any_per_sample(masks if masks.dtype == torch.bool else masks != 0)
         if out.dtype != images.dtype:  # computed in float32: keep the input's own values outside the mask
-            out = torch.where(masks, out.to(images.dtype), images)
+            out = torch.where(masks if masks.dtype == torch.bool else masks > 0.5, out.to(images.dtype), images)
         return SynthesisResult(
             images=out,
-            masks=masks.to(torch.float32),
+            masks=masks.to(torch.float32),  # a float32 mask (built directly, a pass cheaper) is kept as it is
             labels=labels,
             params=params_to_json(params, keys, images.shape[0]),
         )

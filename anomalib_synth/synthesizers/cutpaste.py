@@ -171,7 +171,7 @@ class CutPasteSynthesizer(Synthesizer):
         x = images.float()
         b, _, h, w = x.shape
         out = x.clone()
-        mask = torch.zeros(b, 1, h, w, dtype=torch.bool, device=x.device)
+        mask = torch.zeros(b, 1, h, w, device=x.device)  # float32, filled directly: no conversion pass at the end
         luma = mean_luma(x)
         jitter = params["jitter"].to(x)
         fg = params.get("fg")
@@ -197,7 +197,7 @@ class CutPasteSynthesizer(Synthesizer):
             out[n, :, y, xx] = jitter_pixels(
                 values, n, 1 + jit[:, 0], 1 + jit[:, 1], 1 + jit[:, 2], jit[:, 3] * math.pi, luma[source]
             )
-            mask[n, 0, y, xx] = True
+            mask[n, 0, y, xx] = 1.0
             labels[n] = True
         return self._result(images, out, mask, params, self._param_keys, labels)
 

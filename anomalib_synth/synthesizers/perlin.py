@@ -295,7 +295,10 @@ class PerlinSynthesizer(Synthesizer):
         out.flatten(2)[b, :, at] = torch.lerp(x.flatten(2)[b, :, at], source, beta)
         labels = torch.bincount(b, minlength=x.shape[0]) > 0  # from the pixel list: no pass over the mask
         keys = self._param_keys + (("target_area",) if self.area_range is not None else ())
-        return self._result(images, out, mask, params, keys, labels)
+        # the float mask filled from the pixel list: a fifth of the time of converting the bool one
+        masks = torch.zeros(mask.shape, device=x.device)
+        masks.view(-1).index_fill_(0, b * mask[0].numel() + at, 1.0)
+        return self._result(images, out, masks, params, keys, labels)
 
     def sample_masks(self, images: Tensor, fg_masks: Tensor | None, generator: torch.Generator) -> Tensor:
         """Only the masks (bool ``[B, 1, H, W]``) this synthesizer would draw: the mask generator of other methods."""
