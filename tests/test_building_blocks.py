@@ -267,11 +267,14 @@ def test_any_and_all_per_sample_equal_torch_any_and_all() -> None:
 
 
 def test_mask_positions_are_the_mask_pixels_flattened() -> None:
-    mask = torch.rand(4, 1, 7, 9, generator=gen(6)) > 0.7
-    mask[2] = False
-    b, y, x = mask_pixels(mask)
-    pb, pos = mask_positions(mask)
-    assert torch.equal(pb, b) and torch.equal(pos, y * 9 + x)
+    for shape in ((4, 1, 7, 9), (3, 1, 1, 5), (2, 1, 6, 1), (0, 1, 4, 4)):
+        for fraction in (0.0, 0.3, 1.0):
+            mask = torch.rand(shape, generator=gen(6)) < fraction
+            if len(mask) > 2:
+                mask[2] = False
+            b, y, x = mask_pixels(mask)
+            pb, pos = mask_positions(mask)
+            assert torch.equal(pb, b) and torch.equal(pos, y * shape[-1] + x), (shape, fraction)
 
 
 def test_rotation_grid_equals_affine_grid() -> None:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .base import Params, SynthesisResult, Synthesizer
 from .ops import (
+    channel_elements,
     jitter_pixels,
     log_uniform,
     mean_luma,
@@ -170,7 +171,7 @@ class CutPasteSynthesizer(Synthesizer):
     def apply(self, images: Tensor, params: Params) -> SynthesisResult:
         x = images.float()
         b, _, h, w = x.shape
-        out = x.clone()
+        out = x.clone(memory_format=torch.contiguous_format)  # written through flat indices (``scatter_``)
         mask = torch.zeros(b, 1, h, w, device=x.device)  # float32, filled directly: no conversion pass at the end
         luma = mean_luma(x)
         jitter = params["jitter"].to(x)
@@ -194,10 +195,12 @@ class CutPasteSynthesizer(Synthesizer):
                 n, y, xx, sy, sx = (t.index_select(0, keep) for t in (n, y, xx, sy, sx))
             values = sample_at(x, source.index_select(0, n), sy, sx, presorted=self.source == "same")
             jit = jitter[:, k]
-            out[n, :, y, xx] = jitter_pixels(
+            values = jitter_pixels(
                 values, n, 1 + jit[:, 0], 1 + jit[:, 1], 1 + jit[:, 2], jit[:, 3] * math.pi, luma[source]
             )
-            mask[n, 0, y, xx] = 1.0
+            position = y * w + xx
+            out.view(-1).scatter_(0, channel_elements(out, n, position).view(-1), values.view(-1))
+            mask.view(-1).index_fill_(0, n * (h * w) + position, 1.0)
             labels[n] = True
         return self._result(images, out, mask, params, self._param_keys, labels)
 

@@ -326,11 +326,24 @@ def _spread_runs(reach: Tensor, free: Tensor, dim: int) -> Tensor:
 
 def mask_positions(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Indices ``(b, p)`` of the set pixels of a bool ``[B, 1, H, W]`` mask, ``p = y * W + x`` (sorted by ``b``, then
-    ``p``): one flat ``nonzero`` and a division of its few results, cheaper than ``nonzero(as_tuple=True)``."""
-    flat = mask.reshape(-1).nonzero().squeeze(1)
-    hw = mask.shape[-2] * mask.shape[-1]
-    b = flat.div(hw, rounding_mode="floor")
-    return b, flat - b * hw
+    ``p``), as ``nonzero`` finds them, but faster on a sparse mask: the rows with a set pixel are found first (a
+    vectorised byte maximum per row), and ``nonzero`` scans only those; its few results are split by division."""
+    h, w = mask.shape[-2:]
+    rows = mask.reshape(-1, w)
+    kept = (rows.view(torch.uint8).amax(1) > 0).nonzero().squeeze(1)
+    found = rows.index_select(0, kept).view(-1).nonzero().squeeze(1)
+    in_row = found.div(w, rounding_mode="floor")
+    row = kept.index_select(0, in_row)
+    b = row.div(h, rounding_mode="floor")
+    return b, (row - b * h) * w + (found - in_row * w)
+
+
+def channel_elements(images: Tensor, b: Tensor, position: Tensor) -> Tensor:
+    """Flat element indices ``[N, C]`` into a contiguous ``[B, C, H, W]`` tensor of the pixels ``(b, position)``
+    (``position = y * W + x``), every channel: for ``take`` and ``scatter_`` on ``images.view(-1)``."""
+    _, c, h, w = images.shape
+    first = b * (c * h * w) + position
+    return first.unsqueeze(1) + torch.arange(c, device=b.device) * (h * w)
 
 
 def mask_pixels(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -39,6 +39,7 @@ from .ops import (
     area_majority,
     choose_k_of_n,
     color_matrix,
+    channel_elements,
     mask_positions,
     rand,
     randint,
@@ -284,19 +285,21 @@ class PerlinSynthesizer(Synthesizer):
         return params
 
     def apply(self, images: Tensor, params: Params) -> SynthesisResult:
-        x = images.float()
-        mask, (b, at) = self._mask(params, x.shape[-2:])
-        y = at.div(x.shape[-1], rounding_mode="floor")
-        source, low, high = self._source(x, params, b, y, at - y * x.shape[-1])
+        # ``out`` starts as a contiguous copy of the images, read and written through flat element indices
+        # (``take`` / ``scatter_``: about twice as fast as indexing ``[b, :, y, x]``)
+        out = images.float().clone(memory_format=torch.contiguous_format)
+        mask, (b, at) = self._mask(params, out.shape[-2:])
+        y = at.div(out.shape[-1], rounding_mode="floor")
+        source, low, high = self._source(out, params, b, y, at - y * out.shape[-1])
         source = apply_augment(source, b, params, low, high)
-        beta = params["beta"].to(x).index_select(0, b).unsqueeze(1)
-        out = x.clone(memory_format=torch.contiguous_format)  # so that ``out.flatten(2)`` is a view
-        # pixels indexed as (sample, channel, flat position): two index tensors, not three
-        out.flatten(2)[b, :, at] = torch.lerp(x.flatten(2)[b, :, at], source, beta)
-        labels = torch.bincount(b, minlength=x.shape[0]) > 0  # from the pixel list: no pass over the mask
+        beta = params["beta"].to(out).index_select(0, b).unsqueeze(1)
+        elements = channel_elements(out, b, at)
+        blended = torch.lerp(out.view(-1).take(elements), source, beta)
+        out.view(-1).scatter_(0, elements.view(-1), blended.view(-1))
+        labels = torch.bincount(b, minlength=out.shape[0]) > 0  # from the pixel list: no pass over the mask
         keys = self._param_keys + (("target_area",) if self.area_range is not None else ())
         # the float mask filled from the pixel list: a fifth of the time of converting the bool one
-        masks = torch.zeros(mask.shape, device=x.device)
+        masks = torch.zeros(mask.shape, device=out.device)
         masks.view(-1).index_fill_(0, b * mask[0].numel() + at, 1.0)
         return self._result(images, out, masks, params, keys, labels)
 
@@ -384,7 +387,7 @@ class PerlinSynthesizer(Synthesizer):
         # to serve as an anomaly source
         sy = sy.floor().long().remainder_(h)
         sx = sx.floor().long().remainder_(w)
-        values = x.flatten(2)[b, :, sy * w + sx]
+        values = x.view(-1).take(channel_elements(x, b, sy * w + sx))
         # autocontrast stretches the part of the source that is used, not the whole image (no full-image pass)
         index = b.unsqueeze(1).expand_as(values)
         low = values.new_full((x.shape[0], c), float("inf")).scatter_reduce(0, index, values, "amin")
