@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explore", help="a local web page to try every synthesizer and copy its config (Gradio)")
     p.add_argument("--images", default=None, metavar="FOLDER",
                    help="images to try them on: a folder, or an MVTec-style root (default: scikit-image's photos)")  # fmt: skip
-    p.add_argument("--port", type=_positive, default=7860)
+    p.add_argument("--port", type=_positive, default=7860, help="default 7860")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.add_argument("--size", type=_positive, default=256, help="image size shown first (default 256)")
     p.add_argument("--batch-size", type=_positive, default=4, help="batch shown first (default 4)")
