@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import gen
 from PIL import Image
 from scipy import ndimage
@@ -313,7 +314,8 @@ def test_perlin_coarse_foreground_shortcut_equals_the_area_majority(size: tuple[
     """With ``foreground="auto"`` perlin takes the noise-size foreground from the coarse estimate; the masks equal
     those made from the area majority of the full-size estimate."""
     images = torch.full((3, 3, *size), 0.2)
-    images[:, :, size[0] // 4 : size[0] * 3 // 4, size[1] // 5 : size[1] // 2] = torch.rand(3, 3, 1, 1, generator=gen(0))
+    colour = torch.rand(3, 3, 1, 1, generator=gen(0))
+    images[:, :, size[0] // 4 : size[0] * 3 // 4, size[1] // 5 : size[1] // 2] = colour
     synth = get("perlin")
     params = synth.sample_params(images, None, gen(1))
     assert ("fg_noise" in params) == (size != (257, 300)), "the shortcut applies where the blocks nest exactly"
@@ -325,3 +327,29 @@ def test_perlin_coarse_foreground_shortcut_equals_the_area_majority(size: tuple[
     params.pop("fg_noise", None)
     assert torch.equal(fast, synth._mask(params, size)[0])
     assert fast.any() and not (fast & ~params["fg"]).any()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"area_range": (0.05, 0.2)}])
+def test_perlin_on_a_batch_of_textures_equals_an_everywhere_foreground(photos: torch.Tensor, kwargs: dict) -> None:
+    """A batch with no plain background skips the foreground passes; the result equals an explicit all-true mask,
+    including the rescue of a mask that the full-size threshold would leave empty."""
+    textures = photos[:3]
+    synth = get("perlin", **kwargs)
+    assert "fg_everywhere" in synth.sample_params(textures, None, gen(0))
+    everywhere = torch.ones_like(textures[:, :1], dtype=torch.bool)
+    for seed in range(3):
+        auto, given = synth(textures, generator=gen(seed)), synth(textures, fg_masks=everywhere, generator=gen(seed))
+        assert torch.equal(auto.images, given.images) and torch.equal(auto.masks, given.masks)
+    # a threshold at the single highest noise-size pixel: upsampling averages it away, so only the rescue keeps
+    # the masks from being empty
+    peak = get("perlin", min_area=1e-9, threshold=0.99)
+    large = F.interpolate(textures, size=(256, 256), mode="bilinear", align_corners=False).clamp(0, 1)  # noise at 128
+    assert not peak_none(large).flatten(1).any(1).any(), "without the rescue the masks are empty"
+    masks = peak(large, generator=gen(0)).masks
+    assert masks.flatten(1).any(1).all(), "every mask rescued"
+    everywhere = torch.ones_like(large[:, :1], dtype=torch.bool)
+    assert torch.equal(masks, peak(large, fg_masks=everywhere, generator=gen(0)).masks)
+
+
+def peak_none(images: torch.Tensor) -> torch.Tensor:
+    return get("perlin", foreground="none", min_area=1e-9, threshold=0.99)(images, generator=gen(0)).masks

@@ -35,6 +35,7 @@ from torch import Tensor
 from ..io import load_texture_bank
 from .base import Params, SynthesisResult, Synthesizer
 from .ops import (
+    all_per_sample,
     apply_color_matrix,
     area_majority,
     choose_k_of_n,
@@ -271,10 +272,16 @@ class PerlinSynthesizer(Synthesizer):
         params.update(sample_augment_params(b, self.n_augment, generator, device))
         if fg_masks is None and self.foreground == "auto":
             coarse, step = estimate_foreground_coarse(images)
+            if bool(all_per_sample(coarse).all()):
+                # no image has a plain background (a batch of textures): the foreground is everywhere, and
+                # :meth:`_mask` skips its foreground passes (the empty-mask rescue still applies)
+                params["fg_everywhere"] = torch.ones(b, dtype=torch.bool, device=device)
+                return params
             params["fg"] = upsample_nearest(coarse, step, images.shape[-2:]) if step > 1 else coarse
             small, factor = _noise_size(images.shape[-2:])
             h, w = images.shape[-2:]
-            exact = (h, w) == (small[0] * factor, small[1] * factor) == (coarse.shape[-2] * step, coarse.shape[-1] * step)
+            noise_blocks = (small[0] * factor, small[1] * factor)
+            exact = (h, w) == noise_blocks == (coarse.shape[-2] * step, coarse.shape[-1] * step)
             if exact and step % factor == 0:
                 # each noise pixel covers a block of the full-size mask inside one of its coarse blocks: the area
                 # majority of that block is the coarse value (what :meth:`_mask` would compute, at a fraction of
@@ -342,17 +349,20 @@ class PerlinSynthesizer(Synthesizer):
         if noise.shape[-2:] != tuple(size):
             noise = F.interpolate(noise, size=size, mode="bilinear", align_corners=False)
         threshold = threshold.view(-1, 1, 1, 1)
-        if fg is None:
-            mask = noise >= threshold
+        mask = noise >= threshold
+        if fg is None and "fg_everywhere" not in params:  # foreground "none": no rescue of an empty mask
             return mask, mask_positions(mask)
         # the threshold was found on the small map: never let it exceed the best full-size foreground pixel (only
         # needed where no foreground pixel reaches it, so that pass is skipped when all samples have pixels)
-        mask = (noise >= threshold) & fg
+        if fg is not None:
+            mask &= fg
         pixels = mask_positions(mask)
         if bool((torch.bincount(pixels[0], minlength=mask.shape[0]) > 0).all()):
             return mask, pixels
-        best = noise.masked_fill(~fg, float("-inf")).amax(dim=(1, 2, 3), keepdim=True)
-        mask = (noise >= torch.minimum(threshold, best)) & fg
+        best = (noise if fg is None else noise.masked_fill(~fg, float("-inf"))).amax(dim=(1, 2, 3), keepdim=True)
+        mask = noise >= torch.minimum(threshold, best)
+        if fg is not None:
+            mask &= fg
         return mask, mask_positions(mask)
 
     def _source(self, x: Tensor, params: Params, b: Tensor, y: Tensor, xx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
