@@ -128,8 +128,15 @@ def _cmd_explore(args: argparse.Namespace) -> int:
         raise ValueError(msg)
     from .explore.app import launch
 
-    print(f"anomalib-synth explore: http://{args.host}:{args.port}/ (Ctrl-C stops it)")
-    launch(args.images, host=args.host, port=args.port, size=args.size, batch_size=args.batch_size, quiet=True)
+    # the address is printed once the server is up (a bad folder or a busy port fails first, in one line)
+    app = launch(args.images, host=args.host, port=args.port, size=args.size, batch_size=args.batch_size, quiet=True,
+                 prevent_thread_lock=True)  # fmt: skip
+    print(f"anomalib-synth explore: http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
+    try:
+        app.block_thread()
+    except KeyboardInterrupt:  # Ctrl-C is how the explorer stops: not an interrupted job
+        app.close()
+        print("anomalib-synth explore: stopped")
     return 0
 
 

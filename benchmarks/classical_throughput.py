@@ -15,7 +15,6 @@ batch, 64 px, one repeat; no targets).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch

@@ -346,12 +346,6 @@ def channel_elements(images: Tensor, b: Tensor, position: Tensor) -> Tensor:
     return first.unsqueeze(1) + torch.arange(c, device=b.device) * (h * w)
 
 
-def mask_pixels(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Indices ``(b, y, x)`` of the set pixels of a bool ``[B, 1, H, W]`` mask."""
-    b, _, y, x = mask.nonzero(as_tuple=True)
-    return b, y, x
-
-
 def _ascending(index: Tensor) -> bool:
     """Whether a 1-D tensor is non-decreasing (``all`` taken as the minimum of bytes: vectorised on CPU)."""
     return index.numel() < 2 or bool((index[1:] >= index[:-1]).view(torch.uint8).amin())
@@ -366,7 +360,7 @@ def sample_at(
     The points are packed per source image into one ``F.grid_sample`` call (``[B, 1, max count, 2]`` grid), so the
     work is proportional to ``N``, not to the image size, and no per-sample copy of ``images`` is made.
     ``padding_mode`` is ``grid_sample``'s: ``"border"``, ``"reflection"`` or ``"zeros"``. Set ``presorted`` when
-    ``index`` is non-decreasing (as from :func:`mask_pixels`) to skip a sort; on CPU that is also checked (one pass
+    ``index`` is non-decreasing (as from :func:`mask_positions`) to skip a sort; on CPU that is also checked (one pass
     without a sort), since a stable sort of a sorted index is the identity.
     """
     b, c, h, w = images.shape
