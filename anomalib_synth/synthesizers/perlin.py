@@ -294,7 +294,7 @@ class PerlinSynthesizer(Synthesizer):
     def apply(self, images: Tensor, params: Params) -> SynthesisResult:
         # ``out`` starts as a contiguous copy of the images, read and written through flat element indices
         # (``take`` / ``scatter_``: about twice as fast as indexing ``[b, :, y, x]``)
-        out = images.float().clone(memory_format=torch.contiguous_format)
+        out = images.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # one copy, any input dtype
         mask, (b, at) = self._mask(params, out.shape[-2:])
         y = at.div(out.shape[-1], rounding_mode="floor")
         source, low, high = self._source(out, params, b, y, at - y * out.shape[-1])
