@@ -30,7 +30,7 @@ from anomalib_synth.synthesizers.ops import (
     sample_derangement,
     sample_points,
 )
-from anomalib_synth.synthesizers.perlin import perlin_noise
+from anomalib_synth.synthesizers.perlin import perlin_noise, threshold_with_floor
 from anomalib_synth.synthesizers.placement import estimate_foreground, otsu_threshold
 from anomalib_synth.synthesizers.poisson import membrane, seamless_clone
 
@@ -69,6 +69,18 @@ def test_batched_perlin_matches_per_pixel_reference() -> None:
         ref = _reference_perlin(24, 20, int(res_y[b]), int(res_x[b]), angles[b].numpy())
         np.testing.assert_allclose(noise[b, 0].numpy(), ref, atol=1e-5)
 
+
+
+def test_threshold_with_floor_equals_the_threshold_capped_by_the_kth_highest() -> None:
+    values = torch.rand(6, 50, generator=gen(1)) * 2 - 1
+    values[1] = -0.5  # no value reaches the threshold
+    values[2, :3] = 0.9  # exactly k reach it
+    values[3, :2] = 0.7  # one short
+    values[4, 10:] = float("-inf")  # fewer than k candidates at all (outside a foreground)
+    values[5] = 0.5  # every value is the threshold itself
+    for k in (1, 3, 20):
+        expected = torch.minimum(torch.tensor(0.5), values.topk(k, dim=1).values[:, -1:])
+        assert torch.equal(threshold_with_floor(values, 0.5, k), expected), k
 
 def _exact_membrane(values: np.ndarray, region: np.ndarray) -> np.ndarray:
     index = -np.ones(region.shape, dtype=int)
@@ -119,6 +131,9 @@ def test_estimate_foreground_finds_objects_and_keeps_textures_whole(object_on_ba
     iou = (fg & truth).sum((1, 2, 3)).float() / (fg | truth).sum((1, 2, 3)).float()
     assert (iou > 0.9).all()
     assert estimate_foreground(photos[:3]).all(), "brick, grass and gravel have no background"
+    # a batch of textures alone skips the clean-up; in a mixed batch each image gets its own answer
+    mixed = estimate_foreground(torch.cat((images, photos[:3])))
+    assert torch.equal(mixed[: len(images)], fg) and mixed[len(images) :].all()
 
 
 def test_auto_foreground_keeps_defects_on_the_object(object_on_background) -> None:
@@ -266,14 +281,20 @@ def test_any_and_all_per_sample_equal_torch_any_and_all() -> None:
 
 
 def test_mask_positions_equal_nonzero() -> None:
-    for shape in ((4, 1, 7, 9), (3, 1, 1, 5), (2, 1, 6, 1), (0, 1, 4, 4)):
-        for fraction in (0.0, 0.3, 1.0):
+    # sizes that are not a multiple of 8 are scanned byte by byte, the others by 8-byte words
+    for shape in ((4, 1, 7, 9), (3, 1, 1, 5), (2, 1, 6, 1), (0, 1, 4, 4), (3, 1, 8, 16), (2, 1, 5, 8)):
+        for fraction in (0.0, 0.02, 0.3, 1.0):
             mask = torch.rand(shape, generator=gen(6)) < fraction
             if len(mask) > 2:
                 mask[2] = False
             b, _, y, x = mask.nonzero(as_tuple=True)
             pb, pos = mask_positions(mask)
             assert torch.equal(pb, b) and torch.equal(pos, y * shape[-1] + x), (shape, fraction)
+
+    unaligned = (torch.rand(80, generator=gen(7)) < 0.3)[3:67].view(1, 1, 8, 8)  # bytes not readable as words
+    b, _, y, x = unaligned.nonzero(as_tuple=True)
+    pb, pos = mask_positions(unaligned)
+    assert torch.equal(pb, b) and torch.equal(pos, y * 8 + x)
 
 
 def test_rotation_grid_equals_affine_grid() -> None:

@@ -168,6 +168,19 @@ def apply_augment(values: Tensor, b: Tensor, p: Params, low: Tensor, high: Tenso
         values = torch.where(values >= solarize, 1 - values, values)
     return values.mul_(levels).floor_().div_(levels)
 
+def threshold_with_floor(values: Tensor, threshold: float, k: int) -> Tensor:
+    """Per row of ``values`` ``[B, N]``: ``threshold``, lowered to the row's ``k``-th highest value where fewer than
+    ``k`` values reach it (``min(threshold, topk(values, k)[-1])``, ``[B, 1]``), so that at least ``k`` pass.
+
+    Only the rows that need it are sorted: on photos most rows have ``k`` pixels above DRAEM's threshold.
+    """
+    out = values.new_full((values.shape[0], 1), threshold)
+    short = ((values >= threshold).sum(1) < k).nonzero().squeeze(1)
+    if len(short):
+        # fewer than ``k`` values reach ``threshold``: the ``k``-th highest is below it
+        out.index_copy_(0, short, values.index_select(0, short).topk(k, dim=1).values[:, -1:])
+    return out
+
 
 def _noise_size(size: tuple[int, int]) -> tuple[tuple[int, int], int]:
     """The size the noise is evaluated at (up to 128 px on the short side) and the integer factor to ``size``."""
@@ -343,9 +356,7 @@ class PerlinSynthesizer(Synthesizer):
             k = (params["target_area"] * n_fg).round().long().clamp(1, n_pixels)
             threshold = candidates.sort(dim=1, descending=True).values.gather(1, (k - 1).view(-1, 1))
         else:
-            k_min = max(1, round(self.min_area * n_pixels))
-            floor = candidates.topk(k_min, dim=1).values[:, -1:]
-            threshold = torch.minimum(torch.full_like(floor, self.threshold), floor)
+            threshold = threshold_with_floor(candidates, self.threshold, max(1, round(self.min_area * n_pixels)))
         if noise.shape[-2:] != tuple(size):
             noise = F.interpolate(noise, size=size, mode="bilinear", align_corners=False)
         threshold = threshold.view(-1, 1, 1, 1)
