@@ -65,3 +65,13 @@ def test_bad_images_raise_clear_errors() -> None:
         A.Compose([SynthesizeAnomaly("cutpaste", p=1.0)])(image=np.zeros((8, 8, 4), np.uint8))
     with pytest.raises(ValueError, match="uint8 or float"):
         A.Compose([SynthesizeAnomaly("cutpaste", p=1.0)])(image=np.zeros((8, 8, 3), np.int32))
+
+
+def test_each_call_and_each_pipeline_seed_draws_another_sample(photo) -> None:
+    """The transform draws from albumentations' generator: a pipeline's next call, or another seed, gives another
+    defect (the same seed, the same one: see above)."""
+    pipeline = A.Compose([SynthesizeAnomaly("cutpaste", p=1.0)], seed=7)
+    first, second = pipeline(image=photo)["mask"], pipeline(image=photo)["mask"]
+    other = A.Compose([SynthesizeAnomaly("cutpaste", p=1.0)], seed=8)(image=photo)["mask"]
+    assert first.any() and second.any() and other.any()
+    assert not np.array_equal(first, second) and not np.array_equal(first, other)
