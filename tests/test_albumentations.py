@@ -5,9 +5,11 @@ from __future__ import annotations
 import albumentations as A
 import numpy as np
 import pytest
+import torch
 
 from anomalib_synth.albumentations import SynthesizeAnomaly
 from anomalib_synth.io import builtin_photo, resize, to_uint8
+from anomalib_synth.synthesizers import Synthesizer
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +67,30 @@ def test_bad_images_raise_clear_errors() -> None:
         A.Compose([SynthesizeAnomaly("cutpaste", p=1.0)])(image=np.zeros((8, 8, 4), np.uint8))
     with pytest.raises(ValueError, match="uint8 or float"):
         A.Compose([SynthesizeAnomaly("cutpaste", p=1.0)])(image=np.zeros((8, 8, 3), np.int32))
+
+
+def test_each_call_and_each_pipeline_seed_draws_another_sample(photo) -> None:
+    """The transform draws from albumentations' generator: a pipeline's next call, or another seed, gives another
+    defect (the same seed, the same one: see above)."""
+    pipeline = A.Compose([SynthesizeAnomaly("cutpaste", p=1.0)], seed=7)
+    first, second = pipeline(image=photo)["mask"], pipeline(image=photo)["mask"]
+    other = A.Compose([SynthesizeAnomaly("cutpaste", p=1.0)], seed=8)(image=photo)["mask"]
+    assert first.any() and second.any() and other.any()
+    assert not np.array_equal(first, second) and not np.array_equal(first, other)
+
+
+class _LeavesNormal(Synthesizer):
+    """Returns every sample unchanged and normal (as a synthesizer does for an empty foreground)."""
+
+    name = "leaves-normal"
+
+    def sample_params(self, images, fg_masks, generator):
+        return {}
+
+    def apply(self, images, params):
+        return self._result(images, images, torch.zeros_like(images[:, :1], dtype=torch.bool), params, ())
+
+
+def test_a_sample_the_synthesizer_leaves_normal_keeps_label_0(photo) -> None:
+    out = A.Compose([SynthesizeAnomaly(_LeavesNormal(), p=1.0)], seed=0)(image=photo, label=0)
+    assert out["label"] == 0 and not out["mask"].any() and np.array_equal(out["image"], photo)

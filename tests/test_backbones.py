@@ -88,6 +88,36 @@ def test_registered_file_feeds_anomalib_models_from_python(tmp_path, rename: boo
     assert torch.allclose(features["layer3"], expected, atol=1e-5)
 
 
+
+def test_a_renamed_file_without_classifier_and_batchnorm_counters_fits(tmp_path) -> None:
+    """Under other names, the classifier and BatchNorm's ``num_batches_tracked`` counters may be missing: the body is
+    paired by order and shape, the counters are set to 0."""
+    state = _random_resnet18(tmp_path / "full.pth", rename=False)
+    body = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    torch.save({f"t{i:03d}": v for i, v in enumerate(body.values())}, tmp_path / "bare.pth")
+    register_weights("resnet18.bare", tmp_path / "bare.pth")
+    loaded = timm.create_model("resnet18.bare", pretrained=True).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in body.items())
+    counters = [k for k in loaded if k.endswith("num_batches_tracked")]
+    assert counters and all(int(loaded[k]) == 0 for k in counters)
+
+
+def test_a_renamed_file_is_converted_once_into_the_cache_folder(tmp_path, monkeypatch) -> None:
+    import anomalib_synth.backbones as backbones
+
+    _random_resnet18(tmp_path / "r18.pth", rename=True)
+    register_weights("resnet18.once", tmp_path / "r18.pth")
+    converted = Path(backbones.registered()["resnet18.once"])
+    assert converted.parent == Path(os.environ["ANOMALIB_SYNTH_CACHE"]) / "backbones" and converted.is_file()
+    stamp = converted.stat().st_mtime_ns
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the source file was read and fitted again")
+
+    monkeypatch.setattr(backbones, "load_weights", no_reading)
+    register_weights("resnet18.again", tmp_path / "r18.pth")
+    assert backbones.registered()["resnet18.again"] == str(converted) and converted.stat().st_mtime_ns == stamp
+
 def test_a_file_that_does_not_fit_names_the_tensor_and_both_shapes(tmp_path) -> None:
     state = _random_resnet18(tmp_path / "ok.pth", rename=False)
     state["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)

@@ -136,6 +136,17 @@ def test_estimate_foreground_finds_objects_and_keeps_textures_whole(object_on_ba
     assert torch.equal(mixed[: len(images)], fg) and mixed[len(images) :].all()
 
 
+
+def test_an_estimated_foreground_under_one_percent_of_the_image_means_no_background() -> None:
+    """A speck on a plain background (under ``min_fraction`` = 1 %) is not an object to confine defects to: the
+    whole image is foreground. A larger object is found, and the background stays out."""
+    images = torch.full((2, 3, 96, 96), 0.1)
+    images[0, :, 44:52, 44:52] = 0.9  # 64 pixels: 0.7 %
+    images[1, :, 30:50, 30:50] = 0.9  # 400 pixels: 4.3 %
+    fg = estimate_foreground(images)
+    assert fg[0].all()
+    assert fg[1, :, 30:50, 30:50].all() and int(fg[1].sum()) == 400
+
 def test_auto_foreground_keeps_defects_on_the_object(object_on_background) -> None:
     from anomalib_synth.synthesizers import get
 

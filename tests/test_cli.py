@@ -252,3 +252,62 @@ def test_truncated_manifest_line_does_not_swallow_the_next_sample(tmp_path) -> N
     (tmp_path / "test" / "scar" / "003.png").unlink()
     records = generate("builtin:brick", tmp_path, "scar", **kwargs)
     assert [r["index"] for r in records] == [0, 1, 2, 3]
+
+
+def test_a_sample_whose_mask_file_is_missing_or_corrupt_is_regenerated(tmp_path) -> None:
+    kwargs = {"num": 3, "size": (32, 32), "batch_size": 3, "seed": 2, "progress": False}
+    generate("builtin:brick", tmp_path / "full", "cutpaste", **kwargs)
+    out = tmp_path / "out"
+    generate("builtin:brick", out, "cutpaste", **kwargs)
+    (out / "ground_truth" / "cutpaste" / "000_mask.png").unlink()
+    (out / "ground_truth" / "cutpaste" / "002_mask.png").write_bytes(b"\x89PNG cut short")
+    assert sorted(MVTecWriter(out, "cutpaste").completed()) == [1], "a sample is done only when its mask is readable"
+    records = generate("builtin:brick", out, "cutpaste", **kwargs)
+    assert records.written == 2
+    assert _files(tmp_path / "full") == _files(out)
+
+
+def test_a_resumed_run_writes_the_manifest_sorted_and_identical(tmp_path) -> None:
+    """A sample whose manifest line was lost (killed between its files and its line) is redone after the others;
+    the final manifest is still one line per sample in index order, as an uninterrupted run writes it."""
+    kwargs = {"num": 4, "size": (32, 32), "batch_size": 1, "seed": 1, "progress": False}
+    generate("builtin:brick", tmp_path / "full", "scar", **kwargs)
+    out = tmp_path / "out"
+    generate("builtin:brick", out, "scar", **kwargs)
+    lines = (out / MANIFEST).read_text().splitlines()
+    (out / MANIFEST).write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # sample 1's line lost
+    records = generate("builtin:brick", out, "scar", **kwargs)
+    assert records.written == 1 and [r["index"] for r in records] == [0, 1, 2, 3]
+    assert [json.loads(line)["index"] for line in (out / MANIFEST).read_text().splitlines()] == [0, 1, 2, 3]
+    assert _files(tmp_path / "full") == _files(out)
+
+
+def test_each_batch_draws_its_own_anomalies(tmp_path) -> None:
+    """One source image, one sample per batch: every batch has its own seed, so the samples differ."""
+    records = generate("builtin:brick", tmp_path, "cutpaste", num=3, size=(32, 32), batch_size=1, progress=False)
+    assert [r["batch"] for r in records] == [0, 1, 2]
+    assert len({(tmp_path / r["image"]).read_bytes() for r in records}) == 3
+    assert len({json.dumps(r["params"], sort_keys=True) for r in records}) == 3
+
+
+def test_missing_weights_are_one_line_and_exit_2(tmp_path, capsys) -> None:
+    """A ``ModelNotFoundError`` is an ``OSError``, not a ``ValueError``: it is a user mistake too."""
+    code = main(["generate", "builtin:brick", str(tmp_path / "o"), "-s", "inpainting", "--model-path",
+                 str(tmp_path / "no-model"), "-n", "1", "-q"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("anomalib-synth generate: error:") and "no-model" in err[0] and "does not exist" in err[0]
+
+
+def test_main_restores_the_sigterm_handler_it_installed() -> None:
+    import signal
+
+    def mine(signum, frame):  # a handler of the host program
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert main(["list"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -13,11 +13,11 @@ from anomalib.data import ImageBatch
 from tiny_data import folder_datamodule, make_folder_dataset
 
 from anomalib_synth.data import SynthesizerAugmenter, SyntheticAnomalyDataModule, build_cache, swap_augmenter
-from anomalib_synth.data.cache import COMPLETE, cache_key
+from anomalib_synth.data.cache import COMPLETE, build_views, cache_key
 from anomalib_synth.io import read_image, resize
 from anomalib_synth.seeding import generator_for
 from anomalib_synth.views import augmented_views
-from anomalib_synth.synthesizers import get, get_class
+from anomalib_synth.synthesizers import Synthesizer, get, get_class
 from anomalib_synth.writer import MANIFEST, MVTecWriter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -615,3 +615,115 @@ def test_anomalib_split_names_map_onto_the_wrapper(tiny_root, tmp_path) -> None:
     assert dm.synthetic_val is False and dm.synthetic_test is False
     with pytest.raises(ValueError, match="from_train"):
         _wrap(tiny_root, tmp_path, val_split_mode="from_train")
+
+
+# --- audit: guarantees of the README that a one-line change could break unseen --------------------------------------
+
+
+def test_n_shots_above_one_is_strict_too(tiny_root, tmp_path) -> None:
+    """k = 2 shots: the training set is exactly the 2 shots (none is held out for validation) and the normal
+    validation images are views of them, not other training images."""
+    dm = _wrap(tiny_root, tmp_path, inner_kwargs={"val_split_mode": "none"}, synthesizer="nsa", n_shots=2,
+               val_views=3, seed=2)  # fmt: skip
+    dm.setup()
+    assert len(dm.train_data) == 2
+    val = dm.val_data.samples
+    assert (val.label_index == 0).sum() == 3 and (val.label_index == 1).sum() == 3
+    training_files = {str(Path(p).resolve()) for p in _sources(tiny_root)}
+    assert not {str(Path(p).resolve()) for p in val.image_path} & training_files
+
+
+def test_a_normal_only_validation_set_gets_val_ratio_held_out_images_and_their_anomalies(tiny_root, tmp_path) -> None:
+    """The one-class case: the wrapped validation set has no anomalies (anomalib's from_train split), so a synthetic
+    split is made: ``val_ratio`` of the normal training images held out, plus one synthetic anomaly of each."""
+    inner_kwargs = {"val_split_mode": "from_train", "val_split_ratio": 0.2}
+    inner = folder_datamodule(tiny_root, **inner_kwargs)
+    inner.setup()
+    assert not inner.val_data.has_anomalous and len(inner.train_data) == 5
+    dm = _wrap(tiny_root, tmp_path, inner_kwargs=inner_kwargs, synthesizer="scar", val_ratio=0.4)
+    dm.setup()
+    val = dm.val_data.samples
+    held_out = set(val[val.label_index == 0].image_path)
+    assert len(held_out) == 2 and (val.label_index == 1).sum() == 2, "0.4 x 5 normal images, one anomaly each"
+    assert len(dm.train_data) == 3 and not held_out & set(dm.train_data.samples.image_path)
+    assert {str(Path(p).resolve()) for p in held_out} <= {str(Path(p).resolve()) for p in _sources(tiny_root)}
+
+
+class _EveryOther(Synthesizer):
+    """Makes samples 0, 2, ... of each batch anomalous (a dark corner) and leaves the others normal."""
+
+    name = "every-other"
+
+    def sample_params(self, images, fg_masks, generator):
+        return {}
+
+    def apply(self, images, params):
+        masks = torch.zeros_like(images[:, :1], dtype=torch.bool)
+        masks[::2, :, :8, :8] = True
+        return self._result(images, torch.where(masks, 0.0, images), masks, params, ())
+
+
+def test_cache_mode_serves_samples_the_synthesizer_left_normal_as_normal(tiny_root, tmp_path) -> None:
+    dm = _wrap(tiny_root, tmp_path, synthesizer=_EveryOther(), mode="cache", n_shots=2, variants_per_image=2,
+               synthetic_val=False, image_size=(32, 32))  # fmt: skip
+    dm.setup()
+    cached = dm.train_data.samples[dm.train_data.samples.image_path.str.contains("cache")]
+    assert sorted(cached.label_index.tolist()) == [0, 0, 1, 1]
+    for _, row in cached.iterrows():  # the left-normal samples (test/good/, no mask) are labelled normal
+        assert (row.label, row.label_index, bool(row.mask_path)) in (("abnormal", 1, True), ("normal", 0, False))
+        assert (row.label_index == 1) == (f"/{_EveryOther.name}/" in row.image_path)
+    for row in cached.index:
+        item = dm.train_data[int(row)]
+        assert bool(item.gt_label) == bool(cached.label_index[row]) == bool(item.gt_mask.any())
+
+
+def test_a_cache_build_removes_the_temporary_files_a_killed_build_left(tiny_root, tmp_path) -> None:
+    kwargs = {"variants": 1, "seed": 0, "size": (32, 32), "batch_size": 4, "progress": False}
+    root, _ = build_cache(get("scar"), _sources(tiny_root), tmp_path, **kwargs)
+    (root / COMPLETE).unlink()  # killed before the end: a sample lost and a temporary file left
+    (root / "test" / "scar" / "005.png").unlink()
+    stale = root / "test" / "scar" / ".005.k1ll3d.tmp.png"
+    stale.write_bytes(b"\x89PNG half")
+    root, records = build_cache(get("scar"), _sources(tiny_root), tmp_path, **kwargs)
+    assert len(records) == 6 and (root / "test" / "scar" / "005.png").is_file()
+    assert not stale.exists() and not list(root.rglob(".*.tmp*"))
+
+
+def test_synthesizer_swap_gives_each_rank_its_own_reproducible_stream() -> None:
+    from anomalib_synth.data import SynthesizerSwap
+
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def masks(rank: int, seed: int = 3) -> torch.Tensor:
+        model = torch.nn.Module()
+        model.augmenter = torch.nn.Identity()
+        trainer = types.SimpleNamespace(global_rank=rank, datamodule=None)
+        SynthesizerSwap("cutpaste", probability=1.0, seed=seed).setup(trainer, model, "fit")
+        return model.augmenter(images)[1]
+
+    assert torch.equal(masks(0), masks(0)) and torch.equal(masks(1), masks(1)), "reproducible from seed and rank"
+    assert not torch.equal(masks(0), masks(1)), "each DDP rank draws its own anomalies"
+    assert not torch.equal(masks(0), masks(0, seed=4))
+
+
+def test_images_are_synthesized_at_the_models_resize_when_no_image_size_is_given(tiny_root, tmp_path) -> None:
+    from PIL import Image
+    from torchvision.transforms.v2 import Compose, Resize
+
+    dm = _wrap(tiny_root, tmp_path, synthesizer="cutpaste", mode="cache", n_shots=1, synthetic_val=False)
+    pre_processor = types.SimpleNamespace(transform=Compose([Resize((40, 48))]))
+    dm.trainer = types.SimpleNamespace(model=types.SimpleNamespace(pre_processor=pre_processor))
+    dm.setup()
+    cached = [p for p in dm.train_data.samples.image_path if "cache" in p]
+    assert cached and all(Image.open(p).size == (48, 40) for p in cached), "(H, W) = (40, 48)"
+
+
+def test_views_of_the_shots_are_written_once_and_a_lost_one_is_rewritten_identically(tiny_root, tmp_path) -> None:
+    sources = _sources(tiny_root)[:1]
+    paths = build_views(sources, tmp_path, 3, seed=0, size=(32, 32))
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in paths}
+    assert build_views(sources, tmp_path, 3, seed=0, size=(32, 32)) == paths
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in paths} == before, "reused, not rewritten"
+    paths[1].unlink()
+    assert build_views(sources, tmp_path, 3, seed=0, size=(32, 32)) == paths
+    assert paths[1].read_bytes() == before[paths[1]][1]

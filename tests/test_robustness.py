@@ -121,6 +121,15 @@ def test_load_source_skips_corrupt_files_or_raises(tmp_path, caplog) -> None:
         load_source(str(only_bad), (32, 32))
 
 
+
+def test_upper_case_extensions_are_images_too(tmp_path) -> None:
+    """Cameras and data sets (VisA) write ``.JPG``; such files are read, not passed over."""
+    Image.fromarray(white_object(seed=1)).save(tmp_path / "a.PNG")
+    Image.fromarray(white_object(seed=2)).save(tmp_path / "b.JPG", format="JPEG")
+    Image.fromarray(white_object(seed=3)).save(tmp_path / "c.png")
+    source = load_source(str(tmp_path), (32, 32))
+    assert [Path(n).name for n in source.names] == ["a.PNG", "b.JPG", "c.png"]
+
 # --- value range at the synthesizer boundary ---------------------------------------------------------------------
 
 
@@ -275,6 +284,26 @@ def test_datamodule_raises_on_corrupt_files_when_asked_and_on_16bit_always(white
     with pytest.raises(UnsupportedImageError, match="gray16.png"):
         dm.setup()
 
+
+
+def test_datamodule_skips_a_corrupt_mask_file_naming_it_or_stops_on_it(tmp_path, caplog) -> None:
+    """Mask files are checked as images are: a test sample whose mask cannot be read is dropped with a warning
+    naming the file (``on_bad_file="raise"`` stops), instead of failing later inside a DataLoader worker."""
+    from anomalib_synth.data import SyntheticAnomalyDataModule
+
+    root = write_folder_dataset(tmp_path / "data")
+    bad = root / "mask" / "001.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    dm = SyntheticAnomalyDataModule(_folder(root), synthetic_val=False, cache_dir=str(tmp_path / "c"))
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    assert dm.skipped_files == [str(bad)] and str(bad) in caplog.text
+    kept = [*dm.test_data.samples.mask_path, *dm.val_data.samples.mask_path]
+    assert str(bad) not in kept and str(root / "mask" / "000.png") in kept
+    strict = SyntheticAnomalyDataModule(_folder(root), synthetic_val=False, on_bad_file="raise",
+                                        cache_dir=str(tmp_path / "c"))  # fmt: skip
+    with pytest.raises(ImageReadError, match="mask/001.png"):
+        strict.setup()
 
 @pytest.mark.slow
 def test_draem_with_our_synthesizer_on_white_images(white_folder, tmp_path) -> None:
