@@ -29,6 +29,7 @@ from anomalib_synth.synthesizers.ops import (
     sample_at,
     sample_derangement,
     sample_points,
+    whole_image_points,
 )
 from anomalib_synth.synthesizers.perlin import perlin_noise, threshold_with_floor
 from anomalib_synth.synthesizers.placement import estimate_foreground, otsu_threshold
@@ -307,6 +308,19 @@ def test_mask_positions_equal_nonzero() -> None:
     pb, pos = mask_positions(unaligned)
     assert torch.equal(pb, b) and torch.equal(pos, y * 8 + x)
 
+
+
+def test_centres_of_an_everywhere_foreground_equal_those_of_an_all_true_mask() -> None:
+    from anomalib_synth.synthesizers.placement import sample_centres
+
+    for h, w in ((7, 9), (64, 64), (1, 5)):
+        shape = (3, 3, h, w)
+        everywhere = sample_centres(None, shape, 4, gen(5), "cpu", everywhere=True)
+        assert torch.equal(everywhere, sample_centres(torch.ones(3, 1, h, w, dtype=torch.bool), shape, 4, gen(5), "cpu"))
+    # the ends of the draws: u = 0 and the largest float below 1
+    u = torch.tensor([[0.0, 1 - 2**-24, 0.5, 0.999, 1 / 143]])
+    for h, w in ((11, 13), (1, 1), (256, 256)):
+        assert torch.equal(whole_image_points(u, h, w), sample_points(torch.ones(1, h, w, dtype=torch.bool), u))
 
 def test_rotation_grid_equals_affine_grid() -> None:
     angle = torch.rand(5, generator=gen(2)) * 6 - 3

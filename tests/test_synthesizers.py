@@ -351,5 +351,21 @@ def test_perlin_on_a_batch_of_textures_equals_an_everywhere_foreground(photos: t
     assert torch.equal(masks, peak(large, fg_masks=everywhere, generator=gen(0)).masks)
 
 
+
+@pytest.mark.parametrize("name", ["cutpaste", "scar", "nsa"])
+def test_patch_methods_on_a_batch_of_textures_equal_an_everywhere_foreground(photos: torch.Tensor, name: str) -> None:
+    """A batch with no plain background builds no mask: the centres are drawn as from an all-true one, and the
+    output equals the one an explicit all-true mask gives."""
+    from anomalib_synth.synthesizers.placement import resolve_foreground_or_everywhere
+
+    textures = photos[:3]
+    assert resolve_foreground_or_everywhere(textures, None, "auto") == (None, True)
+    everywhere = torch.ones_like(textures[:, :1], dtype=torch.bool)
+    synth = get(name, num_defects=(1, 3))
+    for seed in range(3):
+        auto, given = synth(textures, generator=gen(seed)), synth(textures, fg_masks=everywhere, generator=gen(seed))
+        assert torch.equal(auto.images, given.images) and torch.equal(auto.masks, given.masks), seed
+        assert auto.params == given.params
+
 def peak_none(images: torch.Tensor) -> torch.Tensor:
     return get("perlin", foreground="none", min_area=1e-9, threshold=0.99)(images, generator=gen(0)).masks

@@ -44,7 +44,7 @@ from .ops import (
 from .placement import (
     DEFAULT_FOREGROUND,
     check_foreground_mode,
-    resolve_foreground,
+    resolve_foreground_or_everywhere,
     sample_centres,
     partial_foreground,
     sample_source_centres,
@@ -144,8 +144,9 @@ class CutPasteSynthesizer(Synthesizer):
             height = uniform(*self.scar_height, shape, generator, device) * unit
         height = height.clamp(1.0, 0.9 * h)
         width = width.clamp(1.0, 0.9 * w)
-        fg = resolve_foreground(images, fg_masks, self.foreground)
-        centre = sample_centres(fg, images.shape, k, generator, device)
+        # a batch of textures under ``"auto"``: no mask to intersect with, centres drawn as from an all-true one
+        fg, everywhere = resolve_foreground_or_everywhere(images, fg_masks, self.foreground)
+        centre = sample_centres(fg, images.shape, k, generator, device, everywhere)
         size = torch.stack((height, width), -1)
         half = size / 2
         limit = torch.tensor([h, w], device=device, dtype=torch.float32)

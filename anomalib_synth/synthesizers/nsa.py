@@ -37,7 +37,7 @@ from .ops import fill_holes, rand, randint, rigid_grid, sample_derangement, unif
 from .placement import (
     DEFAULT_FOREGROUND,
     check_foreground_mode,
-    resolve_foreground,
+    resolve_foreground_or_everywhere,
     sample_centres,
     partial_foreground,
     sample_source_centres,
@@ -107,8 +107,9 @@ class NSASynthesizer(Synthesizer):
         device = images.device
         side = torch.tensor([h, w], device=device, dtype=torch.float32)
         size = uniform(*self.patch_size, (b, k, 2), generator, device) * side
-        fg = resolve_foreground(images, fg_masks, self.foreground)
-        centre = sample_centres(fg, images.shape, k, generator, device)
+        # a batch of textures under ``"auto"``: no mask to intersect with, centres drawn as from an all-true one
+        fg, everywhere = resolve_foreground_or_everywhere(images, fg_masks, self.foreground)
+        centre = sample_centres(fg, images.shape, k, generator, device, everywhere)
         num_defects = randint(*self.num_defects, (b,), generator, device)
         source_index = sample_derangement(b, k, generator, device)
         scale = uniform(*self.scale, (b, k), generator, device)

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .ops import all_per_sample, any_per_sample, binary_open_close, rand, sample_points
+from .ops import all_per_sample, any_per_sample, binary_open_close, rand, sample_points, whole_image_points
 from .validation import check_choice
 
 ForegroundMode = Literal["none", "auto"]
@@ -131,23 +131,47 @@ def resolve_foreground(images: Tensor, fg_masks: Tensor | None, mode: str) -> Te
     return None
 
 
+def resolve_foreground_or_everywhere(images: Tensor, fg_masks: Tensor | None, mode: str) -> tuple[Tensor | None, bool]:
+    """:func:`resolve_foreground`, and whether that foreground is known to be every image whole.
+
+    An ``"auto"`` estimate on a batch without a plain background (textures) is all foreground: it comes back as
+    ``(None, True)``, without building the full-size mask. Callers then skip the intersections with it, which could
+    not change anything, but draw centres as from a foreground (:func:`sample_centres` with ``everywhere=True``): the
+    output is the one the all-true mask gives.
+    """
+    if fg_masks is None and mode == "auto":
+        coarse, step = estimate_foreground_coarse(images)
+        if bool(all_per_sample(coarse).all()):
+            return None, True
+        return (upsample_nearest(coarse, step, images.shape[-2:]) if step > 1 else coarse), False
+    return resolve_foreground(images, fg_masks, mode), False
+
+
 def check_foreground_mode(mode: str) -> str:
     return check_choice("foreground", mode, FOREGROUND_MODES)
 
 
 def sample_centres(
-    fg: Tensor | None, shape: tuple[int, int, int, int], count: int, generator: torch.Generator, device: torch.device
+    fg: Tensor | None,
+    shape: tuple[int, int, int, int],
+    count: int,
+    generator: torch.Generator,
+    device: torch.device,
+    everywhere: bool = False,
 ) -> Tensor:
     """``count`` defect centres per image of a ``[B, C, H, W]`` batch, as ``[B, count, 2]`` ``(y, x)`` pixels.
 
     With a foreground mask the centres are pixel centres drawn uniformly inside it (inverse-CDF sampling, one
-    uniform draw per centre); without one they are uniform over the image.
+    uniform draw per centre); without one they are uniform over the image. ``everywhere`` stands for an all-true
+    mask (:func:`resolve_foreground_or_everywhere`): the same draws and centres, without a pass over a mask.
     """
     b, _, h, w = shape
-    if fg is None:
+    if fg is None and not everywhere:
         return rand((b, count, 2), generator, device) * torch.tensor([h, w], device=device, dtype=torch.float32)
-    u = rand((b * count,), generator, device)
-    return sample_points(fg.squeeze(1), u.view(b, count)) + 0.5  # one CDF per image for its ``count`` centres
+    u = rand((b * count,), generator, device).view(b, count)
+    if everywhere:
+        return whole_image_points(u, h, w) + 0.5
+    return sample_points(fg.squeeze(1), u) + 0.5  # one CDF per image for its ``count`` centres
 
 
 def sample_source_centres(
