@@ -403,3 +403,8 @@ def test_sample_source_centres_where_the_patch_fits_on_the_foreground() -> None:
     assert torch.equal(centres[2:], anywhere[2:]), "empty or whole foreground: uniform where the patch fits"
     donor = sample_source_centres(fg, torch.zeros(4, k, dtype=torch.long), half, u)
     assert ((donor >= torch.tensor([40, 20])) & (donor < torch.tensor([44, 24]))).all(), "the donor's foreground"
+    left = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
+    left[..., :4] = True  # a strip along the left border: rows fit, columns do not
+    left[..., 30:34, 30:34] = True
+    centres = sample_source_centres(left, torch.zeros(1, k, dtype=torch.long), half[:1], u[:1])
+    assert ((centres >= 30) & (centres < 34)).all(), "the columns where the patch fits"

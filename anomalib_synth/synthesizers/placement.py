@@ -196,10 +196,11 @@ def sample_source_centres(
     ys = torch.arange(h, device=fg.device, dtype=torch.float32) + 0.5
     xs = torch.arange(w, device=fg.device, dtype=torch.float32) + 0.5
     hy, hx = half[pick][:, :1].to(ys), half[pick][:, 1:].to(xs)
-    fits = ((ys >= hy) & (ys <= h - hy)).unsqueeze(2) & ((xs >= hx) & (xs <= w - hx)).unsqueeze(1)  # [N, H, W]
-    region = fg[source[pick], 0]
-    inside = region & fits
-    weights = torch.where(any_per_sample(inside).view(-1, 1, 1), inside, region)
+    region = fg.index_select(0, source[pick]).squeeze(1)  # [N, H, W]
+    inside = region & ((ys >= hy) & (ys <= h - hy)).unsqueeze(2)  # rows where the patch fits ...
+    inside &= ((xs >= hx) & (xs <= w - hx)).unsqueeze(1)  # ... and columns
+    fits_somewhere = any_per_sample(inside)
+    weights = inside if bool(fits_somewhere.all()) else torch.where(fits_somewhere.view(-1, 1, 1), inside, region)
     centres[pick] = sample_points(weights, u[pick][:, 0]).to(centres) + 0.5
     return centres
 
