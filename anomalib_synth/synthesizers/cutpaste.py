@@ -185,14 +185,18 @@ class CutPasteSynthesizer(Synthesizer):
             centre = params["centre"][:, k].to(x)
             angle = torch.deg2rad(params["angle"][:, k].to(x))
             half = torch.stack((params["height"][:, k], params["width"][:, k]), -1).to(x) / 2
-            n, y, xx, uy, ux = rect_pixels((h, w), centre, half, angle, params["num_defects"] > k, fg)
+            n, y, xx, uy, ux = rect_pixels((h, w), centre, half, angle, params["num_defects"] > k)
             source = params["source_index"][:, k]
             src = params["source_centre"][:, k].to(x).index_select(0, n)
             sy, sx = src[:, 0] + uy, src[:, 1] + ux
-            if restrict is not None:  # leave out the pixels whose source is background
-                donor = source.index_select(0, n)
-                at = (donor * h + sy.long().clamp(0, h - 1)) * w + sx.long().clamp(0, w - 1)
-                keep = (~restrict.index_select(0, donor) | fg.view(-1).index_select(0, at)).nonzero().squeeze(1)
+            if fg is not None:
+                # one filter of the pixel list: inside the foreground, and not taken from the donor's background
+                keep = fg.view(-1).index_select(0, (n * h + y) * w + xx)
+                if restrict is not None:
+                    donor = source.index_select(0, n)
+                    at = (donor * h + sy.long().clamp(0, h - 1)) * w + sx.long().clamp(0, w - 1)
+                    keep &= ~restrict.index_select(0, donor) | fg.view(-1).index_select(0, at)
+                keep = keep.nonzero().squeeze(1)
                 n, y, xx, sy, sx = (t.index_select(0, keep) for t in (n, y, xx, sy, sx))
             values = sample_at(x, source.index_select(0, n), sy, sx, presorted=self.source == "same")
             jit = jitter[:, k]
@@ -207,10 +211,10 @@ class CutPasteSynthesizer(Synthesizer):
 
 
 def rect_pixels(
-    size: tuple[int, int], centre: Tensor, half: Tensor, angle: Tensor, active: Tensor, fg: Tensor | None
+    size: tuple[int, int], centre: Tensor, half: Tensor, angle: Tensor, active: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Indices ``(b, y, x)`` (row-major per sample) of the pixels of :func:`rotated_rect_mask` in the samples
-    ``active`` ``[B]``, inside ``fg`` if given, and their coordinates ``(uy, ux)`` in the rectangle's frame
+    ``active`` ``[B]``, and their coordinates ``(uy, ux)`` in the rectangle's frame
     (:func:`~anomalib_synth.synthesizers.ops.to_local` of the pixel centres).
 
     The same test as :func:`rotated_rect_mask` (so the same pixels), evaluated only in a window around each
@@ -229,8 +233,6 @@ def rect_pixels(
     view = (-1, 1, 1)
     uy, ux = to_local(ys.to(centre) + 0.5, xs.to(centre) + 0.5, centre.view(-1, 1, 1, 2), angle.view(view))
     inside = (uy.abs() <= half[:, 0].view(view)) & (ux.abs() <= half[:, 1].view(view)) & active.view(view)
-    if fg is not None:
-        inside &= fg.view(b, h * w).gather(1, (ys * w + xs).view(b, -1)).view(b, sh, sw)
     n, wy, wx = inside.nonzero(as_tuple=True)
     at = (n * sh + wy) * sw + wx  # multiply-adds: cheaper than splitting a flat index by integer division
     return (n, top.index_select(0, n) + wy, left.index_select(0, n) + wx, uy.reshape(-1).index_select(0, at),
