@@ -25,7 +25,7 @@ from tiny_data import ANOMALYANY_FAST
 
 from anomalib_synth import metrics
 from anomalib_synth.io import builtin_photo, resize, to_uint8
-from anomalib_synth.synthesizers import Synthesizer, available, get, get_class
+from anomalib_synth.synthesizers import Synthesizer, available, get, get_class, names
 
 SMALL_STEPS = {"num_inference_steps": 3}
 
@@ -201,6 +201,18 @@ def test_float64_and_non_square_images(name: str, built, photos: torch.Tensor) -
     assert torch.equal(out.images[outside], images[outside]), "float64 pixels outside are the input's, bit-exact"
     assert out.labels.all() and _coverage(out, images).min() > 0.6, "float64 images change inside the mask"
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", names(kind="classical"))
+def test_half_precision_pixels_outside_the_mask_are_the_inputs(name: str, dtype: torch.dtype, photos) -> None:
+    """README: pixels outside the mask are never changed, bit-exact, for any float dtype."""
+    images = photos.to(dtype)
+    out = get(name)(images, generator=gen(7))
+    assert out.images.dtype == dtype and out.images.shape == images.shape
+    outside = (out.masks == 0).expand_as(images)
+    assert torch.equal(out.images[outside], images[outside])
+    assert out.labels.any() and not torch.equal(out.images, images)
 
 def test_a_synthesizer_computing_in_float32_keeps_float64_pixels_outside_bit_exact(photos: torch.Tensor) -> None:
     """The base class's guarantee for any new synthesizer: a result computed in float32 (as diffusion models do) is
