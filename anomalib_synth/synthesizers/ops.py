@@ -111,12 +111,12 @@ def sample_points(weights: Tensor, u: Tensor) -> Tensor:
     return torch.stack((index // w, index % w), dim=-1).to(torch.float32)
 
 
-
 def whole_image_points(u: Tensor, h: int, w: int) -> Tensor:
     """:func:`sample_points` of an all-true ``[B, H, W]`` mask, without the mask: pixel ``floor(u * H * W)`` in raster
     order, for draws ``u`` of any shape (returns ``[*u.shape, 2]`` ``(y, x)``)."""
     index = (u.to(torch.float32) * float(h * w)).to(torch.int32).long().clamp_max(h * w - 1)
     return torch.stack((index // w, index % w), dim=-1).to(torch.float32)
+
 
 def to_grayscale(x: Tensor) -> Tensor:
     """ITU-R 601 luma of ``[B, 3, H, W]`` (identity for 1 channel), keeping a channel dim."""

@@ -168,6 +168,7 @@ def apply_augment(values: Tensor, b: Tensor, p: Params, low: Tensor, high: Tenso
         values = torch.where(values >= solarize, 1 - values, values)
     return values.mul_(levels).floor_().div_(levels)
 
+
 def threshold_with_floor(values: Tensor, threshold: float, k: int) -> Tensor:
     """Per row of ``values`` ``[B, N]``: ``threshold``, lowered to the row's ``k``-th highest value where fewer than
     ``k`` values reach it (``min(threshold, topk(values, k)[-1])``, ``[B, 1]``), so that at least ``k`` pass.
