@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.data import ImageBatch
-from tiny_data import folder_datamodule, make_folder_dataset
+from tiny_data import EveryOtherAnomalous, folder_datamodule, make_folder_dataset
 
 from anomalib_synth.data import SynthesizerAugmenter, SyntheticAnomalyDataModule, build_cache, swap_augmenter
 from anomalib_synth.data.cache import COMPLETE, build_views, cache_key
 from anomalib_synth.io import read_image, resize
 from anomalib_synth.seeding import generator_for
 from anomalib_synth.views import augmented_views
-from anomalib_synth.synthesizers import Synthesizer, get, get_class
+from anomalib_synth.synthesizers import get, get_class
 from anomalib_synth.writer import MANIFEST, MVTecWriter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -651,29 +651,15 @@ def test_a_normal_only_validation_set_gets_val_ratio_held_out_images_and_their_a
     assert {str(Path(p).resolve()) for p in held_out} <= {str(Path(p).resolve()) for p in _sources(tiny_root)}
 
 
-class _EveryOther(Synthesizer):
-    """Makes samples 0, 2, ... of each batch anomalous (a dark corner) and leaves the others normal."""
-
-    name = "every-other"
-
-    def sample_params(self, images, fg_masks, generator):
-        return {}
-
-    def apply(self, images, params):
-        masks = torch.zeros_like(images[:, :1], dtype=torch.bool)
-        masks[::2, :, :8, :8] = True
-        return self._result(images, torch.where(masks, 0.0, images), masks, params, ())
-
-
 def test_cache_mode_serves_samples_the_synthesizer_left_normal_as_normal(tiny_root, tmp_path) -> None:
-    dm = _wrap(tiny_root, tmp_path, synthesizer=_EveryOther(), mode="cache", n_shots=2, variants_per_image=2,
+    dm = _wrap(tiny_root, tmp_path, synthesizer=EveryOtherAnomalous(), mode="cache", n_shots=2, variants_per_image=2,
                synthetic_val=False, image_size=(32, 32))  # fmt: skip
     dm.setup()
     cached = dm.train_data.samples[dm.train_data.samples.image_path.str.contains("cache")]
     assert sorted(cached.label_index.tolist()) == [0, 0, 1, 1]
     for _, row in cached.iterrows():  # the left-normal samples (test/good/, no mask) are labelled normal
         assert (row.label, row.label_index, bool(row.mask_path)) in (("abnormal", 1, True), ("normal", 0, False))
-        assert (row.label_index == 1) == (f"/{_EveryOther.name}/" in row.image_path)
+        assert (row.label_index == 1) == (f"/{EveryOtherAnomalous.name}/" in row.image_path)
     for row in cached.index:
         item = dm.train_data[int(row)]
         assert bool(item.gt_label) == bool(cached.label_index[row]) == bool(item.gt_mask.any())

@@ -4,9 +4,10 @@ import pytest
 import torch
 from anomalib.data import ImageBatch, ImageItem
 from torchvision import tv_tensors
+from tiny_data import EveryOtherAnomalous
 from torchvision.transforms import v2
 
-from anomalib_synth.synthesizers import Synthesizer, get
+from anomalib_synth.synthesizers import get
 from anomalib_synth.transforms import SynthesizeAnomaly
 
 
@@ -128,23 +129,9 @@ def test_dataloader_workers_get_different_anomalies(photos: torch.Tensor) -> Non
     assert not torch.equal(batches[0], batches[1])
 
 
-class _KeepsOddSamples(Synthesizer):
-    """Makes samples 0, 2, ... anomalous (a dark corner); 1, 3, ... come back normal (as with an empty foreground)."""
-
-    name = "keeps-odd"
-
-    def sample_params(self, images, fg_masks, generator):
-        return {}
-
-    def apply(self, images, params):
-        masks = torch.zeros_like(images[:, :1], dtype=torch.bool)
-        masks[::2, :, :8, :8] = True
-        return self._result(images, torch.where(masks, 0.0, images), masks, params, ())
-
-
 def test_a_sample_the_synthesizer_leaves_normal_keeps_a_normal_label(photos: torch.Tensor) -> None:
     batch = ImageBatch.collate(_items(photos))
-    out = SynthesizeAnomaly(_KeepsOddSamples(), p=1.0, seed=0)(batch)
+    out = SynthesizeAnomaly(EveryOtherAnomalous(), p=1.0, seed=0)(batch)
     assert out.gt_label.tolist() == [True, False, True, False]
     assert out.gt_mask.flatten(1).any(1).tolist() == out.gt_label.tolist()
     assert torch.equal(out.image[1::2], batch.image[1::2])

@@ -10,10 +10,12 @@ import torch
 from PIL import Image
 
 from anomalib_synth.io import builtin_photo, resize, to_uint8
+from anomalib_synth.synthesizers import Synthesizer
 from anomalib_synth.toydata import make_toy_folder as make_folder_dataset
 from anomalib_synth.toydata import toy_folder_datamodule as folder_datamodule
 
 __all__ = [
+    "EveryOtherAnomalous",
     "fake_captioned_mvtec",
     "folder_datamodule",
     "folder_datamodule_config",
@@ -73,3 +75,18 @@ def folder_datamodule_config(root: Path) -> dict:
 ANOMALYANY_FAST = {"num_inference_steps": 8, "gamma": 0.5, "attention_steps": 2, "inner_steps": 2,
                    "refine_fraction": 0.5, "localized_range": None}  # fmt: skip
 """The smallest AnomalyAny schedule that still has guided, plain and refinement steps (8 x 0.5 = 4 executed)."""
+
+
+class EveryOtherAnomalous(Synthesizer):
+    """Makes samples 0, 2, ... of each batch anomalous (a dark 8x8 corner) and leaves 1, 3, ... normal, as a
+    synthesizer does for a sample with an empty foreground."""
+
+    name = "every-other"
+
+    def sample_params(self, images, fg_masks, generator):
+        return {}
+
+    def apply(self, images, params):
+        masks = torch.zeros_like(images[:, :1], dtype=torch.bool)
+        masks[::2, :, :8, :8] = True
+        return self._result(images, torch.where(masks, 0.0, images), masks, params, ())
