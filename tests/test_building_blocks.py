@@ -322,6 +322,29 @@ def test_centres_of_an_everywhere_foreground_equal_those_of_an_all_true_mask() -
     for h, w in ((11, 13), (1, 1), (256, 256)):
         assert torch.equal(whole_image_points(u, h, w), sample_points(torch.ones(1, h, w, dtype=torch.bool), u))
 
+
+def test_draws_from_coarse_blocks_equal_those_from_the_full_size_mask() -> None:
+    from anomalib_synth.synthesizers.ops import sample_points_blocks
+    from anomalib_synth.synthesizers.placement import sample_source_centres, upsample_nearest
+
+    g = gen(8)
+    for hs, ws, step in ((16, 16, 4), (8, 12, 3), (5, 7, 1)):
+        coarse = torch.rand(6, 1, hs, ws, generator=g) > 0.7
+        coarse[1] = False  # empty: uniform pixels
+        coarse[2] = True
+        coarse[3] = False
+        coarse[3, :, 0, :2] = True  # only a corner: no patch fits, the whole foreground is used
+        full = upsample_nearest(coarse, step, (hs * step, ws * step))
+        u = torch.rand(6, 9, generator=g)
+        u[:, 0], u[:, 1] = 0.0, 1 - 2**-24
+        assert torch.equal(sample_points_blocks(coarse.squeeze(1), step, u), sample_points(full.squeeze(1), u))
+        source = torch.randint(0, 6, (6, 9), generator=g)
+        source[:, 0] = 3
+        half = torch.rand(6, 9, 2, generator=g) * (hs * step / 3) + 0.5
+        expected = sample_source_centres(full, source, half, u.unsqueeze(-1).expand(-1, -1, 2))
+        got = sample_source_centres(full, source, half, u.unsqueeze(-1).expand(-1, -1, 2), blocks=(coarse, step))
+        assert torch.equal(got, expected), (hs, ws, step)
+
 def test_rotation_grid_equals_affine_grid() -> None:
     angle = torch.rand(5, generator=gen(2)) * 6 - 3
     for h, w in ((16, 16), (12, 20)):

@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from anomalib_synth import metrics
 from anomalib_synth.io import builtin_photo, resize
+from anomalib_synth.synthesizers.placement import upsample_nearest
 from anomalib_synth.synthesizers import (
     CutPasteSynthesizer,
     NSASynthesizer,
@@ -359,13 +360,31 @@ def test_patch_methods_on_a_batch_of_textures_equal_an_everywhere_foreground(pho
     from anomalib_synth.synthesizers.placement import resolve_foreground_or_everywhere
 
     textures = photos[:3]
-    assert resolve_foreground_or_everywhere(textures, None, "auto") == (None, True)
+    assert resolve_foreground_or_everywhere(textures, None, "auto") == (None, True, None)
     everywhere = torch.ones_like(textures[:, :1], dtype=torch.bool)
     synth = get(name, num_defects=(1, 3))
     for seed in range(3):
         auto, given = synth(textures, generator=gen(seed)), synth(textures, fg_masks=everywhere, generator=gen(seed))
         assert torch.equal(auto.images, given.images) and torch.equal(auto.masks, given.masks), seed
         assert auto.params == given.params
+
+
+@pytest.mark.parametrize("name", ["cutpaste", "scar", "nsa"])
+def test_patch_methods_on_objects_draw_from_the_coarse_blocks_as_from_the_full_mask(name: str, object_on_background) -> None:
+    """Under ``"auto"`` the centres are drawn from the coarse foreground blocks; the output equals the one the same
+    estimate, given as a full-size ``fg_masks``, gives."""
+    from anomalib_synth.synthesizers.placement import estimate_foreground, resolve_foreground_or_everywhere
+
+    images, _ = object_on_background
+    found = resolve_foreground_or_everywhere(images, None, "auto")
+    assert found.blocks is not None and not found.everywhere
+    assert torch.equal(upsample_nearest(found.blocks[0], found.blocks[1], images.shape[-2:]), found.mask)
+    synth = get(name, num_defects=(1, 3))
+    given = estimate_foreground(images)
+    for seed in range(3):
+        auto, full = synth(images, generator=gen(seed)), synth(images, fg_masks=given, generator=gen(seed))
+        assert torch.equal(auto.images, full.images) and torch.equal(auto.masks, full.masks), seed
+        assert auto.params == full.params
 
 def peak_none(images: torch.Tensor) -> torch.Tensor:
     return get("perlin", foreground="none", min_area=1e-9, threshold=0.99)(images, generator=gen(0)).masks

@@ -145,8 +145,9 @@ class CutPasteSynthesizer(Synthesizer):
         height = height.clamp(1.0, 0.9 * h)
         width = width.clamp(1.0, 0.9 * w)
         # a batch of textures under ``"auto"``: no mask to intersect with, centres drawn as from an all-true one
-        fg, everywhere = resolve_foreground_or_everywhere(images, fg_masks, self.foreground)
-        centre = sample_centres(fg, images.shape, k, generator, device, everywhere)
+        found = resolve_foreground_or_everywhere(images, fg_masks, self.foreground)
+        fg = found.mask
+        centre = sample_centres(fg, images.shape, k, generator, device, found.everywhere, found.blocks)
         size = torch.stack((height, width), -1)
         half = size / 2
         limit = torch.tensor([h, w], device=device, dtype=torch.float32)
@@ -166,7 +167,9 @@ class CutPasteSynthesizer(Synthesizer):
             params["fg"] = fg
             if self.source_foreground:
                 params["fg_partial"] = partial = partial_foreground(fg)
-                params["source_centre"] = sample_source_centres(fg, params["source_index"], half, u_source, partial)
+                params["source_centre"] = sample_source_centres(
+                    fg, params["source_index"], half, u_source, partial, found.blocks
+                )
         return params
 
     def apply(self, images: Tensor, params: Params) -> SynthesisResult:

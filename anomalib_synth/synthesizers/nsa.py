@@ -108,8 +108,9 @@ class NSASynthesizer(Synthesizer):
         side = torch.tensor([h, w], device=device, dtype=torch.float32)
         size = uniform(*self.patch_size, (b, k, 2), generator, device) * side
         # a batch of textures under ``"auto"``: no mask to intersect with, centres drawn as from an all-true one
-        fg, everywhere = resolve_foreground_or_everywhere(images, fg_masks, self.foreground)
-        centre = sample_centres(fg, images.shape, k, generator, device, everywhere)
+        found = resolve_foreground_or_everywhere(images, fg_masks, self.foreground)
+        fg = found.mask
+        centre = sample_centres(fg, images.shape, k, generator, device, found.everywhere, found.blocks)
         num_defects = randint(*self.num_defects, (b,), generator, device)
         source_index = sample_derangement(b, k, generator, device)
         scale = uniform(*self.scale, (b, k), generator, device)
@@ -127,7 +128,9 @@ class NSASynthesizer(Synthesizer):
             params["fg"] = fg
             if self.source_foreground:
                 params["fg_partial"] = partial = partial_foreground(fg)
-                params["source_centre"] = sample_source_centres(fg, source_index, size / 2, u_source, partial)
+                params["source_centre"] = sample_source_centres(
+                    fg, source_index, size / 2, u_source, partial, found.blocks
+                )
         return params
 
     def window_size(self, h: int, w: int) -> tuple[int, int]:

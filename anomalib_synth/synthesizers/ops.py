@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -88,18 +89,9 @@ def sample_points(weights: Tensor, u: Tensor) -> Tensor:
     b, h, w = weights.shape
     flat = weights.reshape(b, -1)
     if flat.dtype == torch.bool and h * w < 2**24:
-        row_cdf = weights.view(torch.uint8).sum(-1, dtype=torch.int32).cumsum(1, dtype=torch.int32)  # [B, H]
-        empty = row_cdf[:, -1:] <= 0
-        total = torch.where(empty, h * w, row_cdf[:, -1:]).to(torch.float32)
-        target = (u.to(torch.float32).view(b, -1) * total).to(torch.int32)  # [B, K]; truncation: floor, as t >= 0
-        row = torch.searchsorted(row_cdf, target, right=True).clamp_max_(h - 1)
-        before = torch.where(row > 0, row_cdf.gather(1, (row - 1).clamp_min(0)), 0)
-        lines = weights[torch.arange(b, device=weights.device).view(-1, 1), row]  # [B, K, W]: the chosen rows
-        col_cdf = lines.cumsum(-1, dtype=torch.int32)
-        col = torch.searchsorted(col_cdf, (target - before).unsqueeze(-1), right=True).squeeze(-1)
-        index = row.long() * w + col
-        # an empty row stands for all-ones weights, whose CDF is i + 1: the count of entries <= t is t
-        index = torch.where(empty, target.long(), index)
+        batch = torch.arange(b, device=weights.device).view(-1, 1)
+        row_counts = weights.view(torch.uint8).sum(-1, dtype=torch.int32)
+        index = mask_cdf_index(row_counts, lambda row: weights[batch, row], u, w)
     else:
         flat = flat.to(torch.float32)
         empty = flat.sum(1, keepdim=True) <= 0
@@ -110,6 +102,36 @@ def sample_points(weights: Tensor, u: Tensor) -> Tensor:
     index = index.clamp_max(h * w - 1).view(u.shape)
     return torch.stack((index // w, index % w), dim=-1).to(torch.float32)
 
+
+
+def mask_cdf_index(row_counts: Tensor, lines: Callable[[Tensor], Tensor], u: Tensor, w: int) -> Tensor:
+    """The flat pixel index ``[B, K]`` that :func:`sample_points` draws with ``u`` from a bool ``[B, H, W]`` mask,
+    given the mask by its per-row counts ``[B, H]`` (int32) and ``lines(row)``, its rows ``[B, K, W]`` at
+    ``row`` ``[B, K]`` (rows of any representation: the full mask, or coarse blocks blown up)."""
+    b, h = row_counts.shape
+    row_cdf = row_counts.cumsum(1, dtype=torch.int32)  # [B, H]
+    empty = row_cdf[:, -1:] <= 0
+    total = torch.where(empty, h * w, row_cdf[:, -1:]).to(torch.float32)
+    target = (u.to(torch.float32).view(b, -1) * total).to(torch.int32)  # [B, K]; truncation: floor, as t >= 0
+    row = torch.searchsorted(row_cdf, target, right=True).clamp_max_(h - 1)
+    before = torch.where(row > 0, row_cdf.gather(1, (row - 1).clamp_min(0)), 0)
+    col_cdf = lines(row).cumsum(-1, dtype=torch.int32)  # the chosen rows only
+    col = torch.searchsorted(col_cdf, (target - before).unsqueeze(-1), right=True).squeeze(-1)
+    # an empty mask stands for all-ones weights, whose CDF is i + 1: the count of entries <= t is t
+    return torch.where(empty, target.long(), row.long() * w + col)
+
+
+def sample_points_blocks(coarse: Tensor, step: int, u: Tensor) -> Tensor:
+    """:func:`sample_points` of the mask ``coarse`` ``[B, h, w]`` blown up to ``step x step`` blocks (as
+    :func:`~anomalib_synth.synthesizers.placement.upsample_nearest` does), from the coarse mask alone: the same
+    pixels, without a pass over the full-size mask."""
+    b, hs, ws = coarse.shape
+    h, w = hs * step, ws * step
+    batch = torch.arange(b, device=coarse.device).view(-1, 1)
+    row_counts = (coarse.view(torch.uint8).sum(-1, dtype=torch.int32) * step).repeat_interleave(step, dim=1)
+    index = mask_cdf_index(row_counts, lambda row: coarse[batch, row // step].repeat_interleave(step, -1), u, w)
+    index = index.clamp_max(h * w - 1).view(u.shape)
+    return torch.stack((index // w, index % w), dim=-1).to(torch.float32)
 
 def whole_image_points(u: Tensor, h: int, w: int) -> Tensor:
     """:func:`sample_points` of an all-true ``[B, H, W]`` mask, without the mask: pixel ``floor(u * H * W)`` in raster

@@ -16,12 +16,21 @@ set-ups pass ``fg_masks`` explicitly.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .ops import all_per_sample, any_per_sample, binary_open_close, rand, sample_points, whole_image_points
+from .ops import (
+    all_per_sample,
+    any_per_sample,
+    binary_open_close,
+    mask_cdf_index,
+    rand,
+    sample_points,
+    sample_points_blocks,
+    whole_image_points,
+)
 from .validation import check_choice
 
 ForegroundMode = Literal["none", "auto"]
@@ -131,20 +140,35 @@ def resolve_foreground(images: Tensor, fg_masks: Tensor | None, mode: str) -> Te
     return None
 
 
-def resolve_foreground_or_everywhere(images: Tensor, fg_masks: Tensor | None, mode: str) -> tuple[Tensor | None, bool]:
-    """:func:`resolve_foreground`, and whether that foreground is known to be every image whole.
+class ResolvedForeground(NamedTuple):
+    """A foreground as :func:`resolve_foreground_or_everywhere` finds it."""
+
+    mask: Tensor | None
+    """Bool ``[B, 1, H, W]``, or ``None`` (everywhere)."""
+    everywhere: bool = False
+    """Whether ``None`` stands for an all-true mask (an ``"auto"`` estimate on textures) rather than no foreground."""
+    blocks: tuple[Tensor, int] | None = None
+    """``(coarse, step)`` with ``mask == upsample_nearest(coarse, step, (H, W))`` exactly, when known: inverse-CDF
+    draws can be made from the coarse mask (:func:`~anomalib_synth.synthesizers.ops.sample_points_blocks`)."""
+
+
+def resolve_foreground_or_everywhere(images: Tensor, fg_masks: Tensor | None, mode: str) -> ResolvedForeground:
+    """:func:`resolve_foreground`, and what is known of its structure.
 
     An ``"auto"`` estimate on a batch without a plain background (textures) is all foreground: it comes back as
-    ``(None, True)``, without building the full-size mask. Callers then skip the intersections with it, which could
-    not change anything, but draw centres as from a foreground (:func:`sample_centres` with ``everywhere=True``): the
-    output is the one the all-true mask gives.
+    ``mask=None, everywhere=True``, without building the full-size mask. Callers then skip the intersections with it,
+    which could not change anything, but draw centres as from a foreground (:func:`sample_centres`): the output is
+    the one the all-true mask gives. Otherwise an ``"auto"`` estimate comes with its coarse ``blocks`` when they tile
+    the image exactly.
     """
     if fg_masks is None and mode == "auto":
         coarse, step = estimate_foreground_coarse(images)
         if bool(all_per_sample(coarse).all()):
-            return None, True
-        return (upsample_nearest(coarse, step, images.shape[-2:]) if step > 1 else coarse), False
-    return resolve_foreground(images, fg_masks, mode), False
+            return ResolvedForeground(None, everywhere=True)
+        h, w = images.shape[-2:]
+        blocks = (coarse, step) if (coarse.shape[-2] * step, coarse.shape[-1] * step) == (h, w) else None
+        return ResolvedForeground(upsample_nearest(coarse, step, (h, w)) if step > 1 else coarse, blocks=blocks)
+    return ResolvedForeground(resolve_foreground(images, fg_masks, mode))
 
 
 def check_foreground_mode(mode: str) -> str:
@@ -158,12 +182,14 @@ def sample_centres(
     generator: torch.Generator,
     device: torch.device,
     everywhere: bool = False,
+    blocks: tuple[Tensor, int] | None = None,
 ) -> Tensor:
     """``count`` defect centres per image of a ``[B, C, H, W]`` batch, as ``[B, count, 2]`` ``(y, x)`` pixels.
 
     With a foreground mask the centres are pixel centres drawn uniformly inside it (inverse-CDF sampling, one
-    uniform draw per centre); without one they are uniform over the image. ``everywhere`` stands for an all-true
-    mask (:func:`resolve_foreground_or_everywhere`): the same draws and centres, without a pass over a mask.
+    uniform draw per centre); without one they are uniform over the image. ``everywhere`` and ``blocks`` are what
+    :func:`resolve_foreground_or_everywhere` knows of the mask: the same draws and centres, without a pass over
+    the full-size mask.
     """
     b, _, h, w = shape
     if fg is None and not everywhere:
@@ -171,11 +197,14 @@ def sample_centres(
     u = rand((b * count,), generator, device).view(b, count)
     if everywhere:
         return whole_image_points(u, h, w) + 0.5
+    if blocks is not None:
+        return sample_points_blocks(blocks[0].squeeze(1), blocks[1], u) + 0.5
     return sample_points(fg.squeeze(1), u) + 0.5  # one CDF per image for its ``count`` centres
 
 
 def sample_source_centres(
-    fg: Tensor, source: Tensor, half: Tensor, u: Tensor, partial: Tensor | None = None
+    fg: Tensor, source: Tensor, half: Tensor, u: Tensor, partial: Tensor | None = None,
+    blocks: tuple[Tensor, int] | None = None,
 ) -> Tensor:
     """Centres ``[B, K, 2]`` (``(y, x)`` pixels) of source patches inside the foreground of their images.
 
@@ -184,7 +213,7 @@ def sample_source_centres(
     image's foreground pixels where the patch fits inside the image; if the patch fits nowhere on the foreground,
     from the whole foreground. A source whose foreground is the whole image (a texture) or empty gets
     ``half + u * (size - 2 half)``: uniform where the patch fits, as without a foreground. ``partial`` is
-    :func:`partial_foreground` of ``fg``, if already known.
+    :func:`partial_foreground` of ``fg``, if already known; ``blocks`` as in :class:`ResolvedForeground`.
     """
     b, _, h, w = fg.shape
     limit = torch.tensor([h, w], device=half.device, dtype=half.dtype)
@@ -196,13 +225,44 @@ def sample_source_centres(
     ys = torch.arange(h, device=fg.device, dtype=torch.float32) + 0.5
     xs = torch.arange(w, device=fg.device, dtype=torch.float32) + 0.5
     hy, hx = half[pick][:, :1].to(ys), half[pick][:, 1:].to(xs)
+    rows_fit, cols_fit = (ys >= hy) & (ys <= h - hy), (xs >= hx) & (xs <= w - hx)  # [N, H], [N, W]
+    if blocks is not None:
+        points = _fitting_points_blocks(blocks[0].index_select(0, source[pick]).squeeze(1), blocks[1], rows_fit,
+                                        cols_fit, u[pick][:, 0])  # fmt: skip
+        centres[pick] = points.to(centres) + 0.5
+        return centres
     region = fg.index_select(0, source[pick]).squeeze(1)  # [N, H, W]
-    inside = region & ((ys >= hy) & (ys <= h - hy)).unsqueeze(2)  # rows where the patch fits ...
-    inside &= ((xs >= hx) & (xs <= w - hx)).unsqueeze(1)  # ... and columns
+    inside = region & rows_fit.unsqueeze(2)  # rows where the patch fits ...
+    inside &= cols_fit.unsqueeze(1)  # ... and columns
     fits_somewhere = any_per_sample(inside)
     weights = inside if bool(fits_somewhere.all()) else torch.where(fits_somewhere.view(-1, 1, 1), inside, region)
     centres[pick] = sample_points(weights, u[pick][:, 0]).to(centres) + 0.5
     return centres
+
+
+def _fitting_points_blocks(coarse: Tensor, step: int, rows_fit: Tensor, cols_fit: Tensor, u: Tensor) -> Tensor:
+    """:func:`sample_source_centres`' draw (before the half-pixel shift) from the blocks ``coarse`` ``[N, h, w]`` of
+    the donors' foregrounds: the same pixels as from the full-size masks, counted block by block.
+
+    A full-size row ``Y`` of ``mask & rows_fit & cols_fit`` holds ``rows_fit[Y] * sum_j coarse[Y // step, j] *
+    (columns of block j that fit)`` pixels; a donor where the patch fits nowhere falls back to its whole mask.
+    """
+    n, hs, ws = coarse.shape
+    w = ws * step
+    batch = torch.arange(n, device=coarse.device).view(-1, 1)
+    cols_per_block = cols_fit.view(n, ws, step).sum(-1, dtype=torch.int32)  # [N, ws]
+    fitting = (coarse.to(torch.int32) * cols_per_block.unsqueeze(1)).sum(-1, dtype=torch.int32)  # [N, hs]
+    fitting = fitting.repeat_interleave(step, dim=1) * rows_fit  # [N, H]
+    whole = (coarse.view(torch.uint8).sum(-1, dtype=torch.int32) * step).repeat_interleave(step, dim=1)
+    fits = (fitting.sum(1) > 0).view(-1, 1)
+    row_counts = torch.where(fits, fitting, whole)
+
+    def lines(row: Tensor) -> Tensor:
+        full = coarse[batch, row // step].repeat_interleave(step, -1)  # [N, K, W]
+        return torch.where(fits.unsqueeze(-1), full & cols_fit.unsqueeze(1), full)
+
+    index = mask_cdf_index(row_counts, lines, u, w).clamp_max(hs * step * w - 1).view(u.shape)
+    return torch.stack((index // w, index % w), dim=-1).to(torch.float32)
 
 
 def partial_foreground(fg: Tensor) -> Tensor:
