@@ -35,7 +35,6 @@ from torch import Tensor
 from ..io import load_texture_bank
 from .base import Params, SynthesisResult, Synthesizer
 from .ops import (
-    all_per_sample,
     apply_color_matrix,
     area_majority,
     choose_k_of_n,
@@ -52,8 +51,7 @@ from .ops import (
 from .placement import (
     DEFAULT_FOREGROUND,
     check_foreground_mode,
-    estimate_foreground_coarse,
-    resolve_foreground,
+    resolve_foreground_or_everywhere,
     upsample_nearest,
 )
 from .registry import register
@@ -284,25 +282,23 @@ class PerlinSynthesizer(Synthesizer):
             "source_angle": uniform(-180, 180, (b,), generator, device),
         }
         params.update(sample_augment_params(b, self.n_augment, generator, device))
-        if fg_masks is None and self.foreground == "auto":
-            coarse, step = estimate_foreground_coarse(images)
-            if bool(all_per_sample(coarse).all()):
-                # no image has a plain background (a batch of textures): the foreground is everywhere, and
-                # :meth:`_mask` skips its foreground passes (the empty-mask rescue still applies)
-                params["fg_everywhere"] = torch.ones(b, dtype=torch.bool, device=device)
-                return params
-            params["fg"] = upsample_nearest(coarse, step, images.shape[-2:]) if step > 1 else coarse
+        found = resolve_foreground_or_everywhere(images, fg_masks, self.foreground)
+        if found.everywhere:
+            # no image has a plain background (a batch of textures): :meth:`_mask` skips its foreground passes (the
+            # empty-mask rescue still applies)
+            params["fg_everywhere"] = torch.ones(b, dtype=torch.bool, device=device)
+        elif found.mask is not None:
+            params["fg"] = found.mask
             small, factor = _noise_size(images.shape[-2:])
-            h, w = images.shape[-2:]
-            noise_blocks = (small[0] * factor, small[1] * factor)
-            exact = (h, w) == noise_blocks == (coarse.shape[-2] * step, coarse.shape[-1] * step)
-            if exact and step % factor == 0:
+            if found.blocks is not None and found.blocks[1] % factor == 0 and small == (
+                images.shape[-2] // factor,
+                images.shape[-1] // factor,
+            ):
                 # each noise pixel covers a block of the full-size mask inside one of its coarse blocks: the area
                 # majority of that block is the coarse value (what :meth:`_mask` would compute, at a fraction of
                 # the cost)
+                coarse, step = found.blocks
                 params["fg_noise"] = upsample_nearest(coarse, step // factor, small)
-        elif (fg := resolve_foreground(images, fg_masks, self.foreground)) is not None:
-            params["fg"] = fg
         return params
 
     def apply(self, images: Tensor, params: Params) -> SynthesisResult:
