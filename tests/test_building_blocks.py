@@ -29,6 +29,7 @@ from anomalib_synth.synthesizers.ops import (
     sample_at,
     sample_derangement,
     sample_points,
+    upsampled_mask_positions,
     whole_image_points,
 )
 from anomalib_synth.synthesizers.perlin import perlin_noise, threshold_with_floor
@@ -290,6 +291,52 @@ def test_any_and_all_per_sample_equal_torch_any_and_all() -> None:
         assert torch.equal(all_per_sample(m), m.flatten(1).all(1))
     assert any_per_sample(masks).tolist()[:3] == [False, True, True] and all_per_sample(masks).tolist()[:3] == [
         False, True, False]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("shape", "factor"),
+    [((6, 1, 32, 32), 2), ((4, 1, 16, 24), 4), ((3, 1, 11, 7), 3), ((2, 1, 1, 1), 2), ((3, 1, 5, 9), 5),
+     ((3, 1, 12, 12), (25, 24)), ((2, 1, 10, 10), 1)],
+)  # fmt: skip
+def test_upsampled_mask_positions_equal_thresholding_the_upsampled_map(shape: tuple, factor: int | tuple) -> None:
+    """The cell-by-cell threshold gives the pixels of ``F.interpolate(values) >= threshold``, each once, ``b``
+    sorted; a pixel may differ only where the upsampled value is within float rounding of the threshold. Sizes that
+    are not a multiple of the map (``(25, 24)``) and factor 1 take the dense route."""
+    values = F.avg_pool2d(torch.randn(shape[0], 1, shape[2] + 2, shape[3] + 2, generator=gen(8)), 3, 1)  # smooth
+    size = factor if isinstance(factor, tuple) else (shape[2] * factor, shape[3] * factor)
+    threshold = torch.quantile(values.flatten(1), 0.8, dim=1).view(-1, 1, 1, 1)
+    threshold[0] = 10.0  # no pixel
+    threshold[1] = -10.0  # every pixel
+    up = F.interpolate(values, size=size, mode="bilinear", align_corners=False)
+    b, p = upsampled_mask_positions(values, threshold, size)
+    assert bool((b[1:] >= b[:-1]).all()) and bool((p >= 0).all()) and bool((p < size[0] * size[1]).all())
+    key = b * (size[0] * size[1]) + p
+    assert key.unique().numel() == key.numel(), "each pixel once"
+    mask = torch.zeros_like(up, dtype=torch.bool)
+    mask.view(-1)[key] = True
+    differ = mask ^ (up >= threshold)
+    assert int(differ.sum()) <= 3 and bool(((up - threshold).abs()[differ] <= 1e-6).all())
+    assert int(mask[0].sum()) == 0 and bool(mask[1].all())
+
+
+def test_upsampled_mask_positions_keep_values_equal_to_the_threshold() -> None:
+    """``>=``, as the dense threshold: a flat map at the threshold is all mask."""
+    values = torch.full((2, 1, 8, 8), 0.3)
+    b, p = upsampled_mask_positions(values, torch.full((2, 1, 1, 1), 0.3), (16, 16))
+    assert torch.equal(b.bincount(minlength=2), torch.tensor([256, 256])) and p.unique().numel() == 256
+
+
+def test_upsampled_mask_positions_on_a_batch_of_noise_maps() -> None:
+    """At perlin's sizes (128 -> 256 px, 64 -> 256 px) the pixels are exactly those of the dense threshold."""
+    for small, big in ((128, 256), (64, 256)):
+        values = F.interpolate(torch.randn(8, 1, small // 8, small // 8, generator=gen(9)), size=(small, small),
+                               mode="bicubic", align_corners=False)  # fmt: skip
+        threshold = torch.full((8, 1, 1, 1), 0.5)
+        up = F.interpolate(values, size=(big, big), mode="bilinear", align_corners=False)
+        b, p = upsampled_mask_positions(values, threshold, (big, big))
+        dense_b, dense_p = mask_positions(up >= threshold)
+        order = (b * big * big + p).argsort()
+        assert torch.equal(b[order], dense_b) and torch.equal(p[order], dense_p)
 
 
 def test_mask_positions_equal_nonzero() -> None:

@@ -324,10 +324,26 @@ def test_perlin_coarse_foreground_shortcut_equals_the_area_majority(size: tuple[
         from anomalib_synth.synthesizers.ops import area_majority
 
         assert torch.equal(params["fg_noise"], area_majority(params["fg"], params["fg_noise"].shape[-2:]))
-    fast = synth._mask(params, size)[0]
+    fast = synth._mask(params, size)
     params.pop("fg_noise", None)
-    assert torch.equal(fast, synth._mask(params, size)[0])
-    assert fast.any() and not (fast & ~params["fg"]).any()
+    slow = synth._mask(params, size)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    b, at = fast
+    assert len(at) and bool(params["fg"].reshape(-1)[b * size[0] * size[1] + at].all()), "inside the foreground"
+
+
+@pytest.mark.parametrize("foreground", ["auto", "none"])
+def test_perlin_sample_masks_are_the_masks_of_the_call(photos: torch.Tensor, foreground: str) -> None:
+    """``sample_masks`` (the mask generator other synthesizers borrow) draws the masks the full call would make,
+    on textures and on an object on a plain background."""
+    obj = torch.full((3, 3, 256, 256), 0.9)
+    obj[:, :, 60:200, 80:180] = torch.rand(3, 3, 140, 100, generator=gen(2)) * 0.5
+    synth = get("perlin", foreground=foreground)
+    textures = F.interpolate(photos[:3], size=(256, 256), mode="bilinear", align_corners=False).clamp(0, 1)
+    for images in (textures, obj):
+        masks = synth.sample_masks(images, None, gen(4))
+        assert masks.dtype == torch.bool and masks.shape == (3, 1, 256, 256)
+        assert torch.equal(masks, synth(images, generator=gen(4)).masks > 0.5)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"area_range": (0.05, 0.2)}])

@@ -371,6 +371,62 @@ def mask_positions(mask: Tensor) -> tuple[Tensor, Tensor]:
     return b, index - b * (h * w)
 
 
+def upsampled_mask_positions(values: Tensor, threshold: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Pixels ``(b, p)`` where ``F.interpolate(values, size, mode="bilinear", align_corners=False) >= threshold``, for
+    ``values`` ``[B, 1, h, w]`` and per-sample ``threshold`` ``[B, 1, 1, 1]``, without the full-size map when ``size``
+    is an integer multiple ``f >= 2`` of ``(h, w)``.
+
+    Each full-size pixel interpolates the 2 x 2 cell of (edge-replicated) ``values`` around it, and the ``f x f``
+    pixels that share a cell share its four corners. Only cells with a corner at or above the threshold can hold a
+    pixel that is (the weights are convex); their pixels are interpolated from the corners with one ``[M, 4] @ [4,
+    f * f]`` product of the weights. On a mask of a few percent that is about half the time of upsampling and
+    thresholding everything. The values equal ``F.interpolate``'s up to float rounding, so a pixel within rounding of
+    the threshold may differ.
+
+    Returns ``b`` sorted (non-decreasing) and ``p = y * W + x``; within a sample, pixels come cell by cell (not in
+    raster order). Other sizes are upsampled densely (:func:`mask_positions`).
+    """
+    h, w = values.shape[-2:]
+    f = size[0] // h
+    if f < 2 or tuple(size) != (f * h, f * w):
+        full = values if tuple(size) == (h, w) else F.interpolate(values, size=size, mode="bilinear",
+                                                                  align_corners=False)  # fmt: skip
+        return mask_positions(full >= threshold)
+    valid, first, weights, child_offset, corner_offset = _upsample_cells(h, w, f, values.device)
+    padded = F.pad((values - threshold).float(), (1, 1, 1, 1), mode="replicate")  # [B, 1, h + 2, w + 2]
+    rows = torch.maximum(padded[..., :-1, :], padded[..., 1:, :])
+    hot = torch.zeros(padded.shape, dtype=torch.bool, device=values.device)  # cell (i, j): padded corners (i, j) ..
+    torch.ge(torch.maximum(rows[..., :-1], rows[..., 1:]), 0, out=hot[..., :-1, :-1])  # .. (i + 1, j + 1)
+    b, cell = mask_positions(hot)
+    corners = padded.view(-1).take((b * hot[0].numel() + cell).unsqueeze(1) + corner_offset)  # [M, 4]
+    keep = (corners @ weights) >= 0  # [M, f * f]
+    keep &= valid.index_select(0, cell)  # pixels of the edge cells that fall outside the image
+    index = keep.view(-1).nonzero().squeeze(1)
+    owner = index.div(f * f, rounding_mode="floor")
+    position = first.index_select(0, cell).index_select(0, owner) + child_offset.index_select(0, index - owner * f * f)
+    return b.index_select(0, owner), position
+
+
+@functools.lru_cache(maxsize=8)
+def _upsample_cells(h: int, w: int, f: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Per-size tables of :func:`upsampled_mask_positions` (cells of the ``(h + 2) x (w + 2)`` padded map)."""
+    big_h, big_w = f * h, f * w
+    start = -((f + 1) // 2)  # pixel ``y`` lies in padded cell ``(y - start) // f``: source ``(y + 0.5) / f - 0.5`` + 1
+    cells_y = torch.arange(h + 2).view(-1, 1) * f + start  # first pixel row of each cell row
+    cells_x = torch.arange(w + 2).view(1, -1) * f + start
+    k = torch.arange(f)
+    rows = (cells_y.unsqueeze(-1) + k).unsqueeze(-1)  # [h + 2, 1, f, 1]
+    cols = (cells_x.unsqueeze(-1) + k).unsqueeze(-2)  # [1, w + 2, 1, f]
+    valid = ((rows >= 0) & (rows < big_h) & (cols >= 0) & (cols < big_w)).reshape(-1, f * f)
+    first = (cells_y * big_w + cells_x).reshape(-1)
+    frac = (k.double() - (f + 1) // 2 + 0.5) / f + 0.5  # position of each pixel between its cell's corners
+    pair = torch.stack((1 - frac, frac))  # [2 corners, f pixels]
+    weights = (pair[:, None, :, None] * pair[None, :, None, :]).reshape(4, f * f).float()
+    child_offset = (k.view(-1, 1) * big_w + k).reshape(-1)
+    corner_offset = torch.tensor([0, 1, w + 2, w + 3])
+    return tuple(t.to(device) for t in (valid, first, weights, child_offset, corner_offset))
+
+
 def channel_elements(images: Tensor, b: Tensor, position: Tensor) -> Tensor:
     """Flat element indices ``[N, C]`` into a contiguous ``[B, C, H, W]`` tensor of the pixels ``(b, position)``
     (``position = y * W + x``), every channel: for ``take`` and ``scatter_`` on ``images.view(-1)``."""
