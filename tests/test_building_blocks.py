@@ -339,6 +339,24 @@ def test_upsampled_mask_positions_on_a_batch_of_noise_maps() -> None:
         assert torch.equal(b[order], dense_b) and torch.equal(p[order], dense_p)
 
 
+@pytest.mark.parametrize("sweeps", [0, 1, 2, 5])
+def test_jacobi_sweeps_equal_the_textbook_update(sweeps: int) -> None:
+    """The double-buffered sweeps are Jacobi's: every interior pixel of the region becomes the mean of its four
+    neighbours from the previous sweep, everything else stays; bit for bit."""
+    from anomalib_synth.synthesizers.poisson import _jacobi
+
+    x = torch.rand(2, 3, 9, 11, generator=gen(10))
+    region = torch.rand(2, 1, 9, 11, generator=gen(11)) < 0.6
+    region[..., 0, :] = region[..., -1, :] = region[..., :, 0] = region[..., :, -1] = False
+    expected = x.clone()
+    for _ in range(sweeps):
+        e = expected
+        mean = (e[..., :-2, 1:-1] + e[..., 2:, 1:-1] + e[..., 1:-1, :-2] + e[..., 1:-1, 2:]) * 0.25
+        expected[..., 1:-1, 1:-1] = torch.where(region[..., 1:-1, 1:-1], mean, expected[..., 1:-1, 1:-1])
+    out = _jacobi(x, region, sweeps)
+    assert torch.equal(out, expected) and out.data_ptr() != x.data_ptr()
+
+
 def test_mask_positions_equal_nonzero() -> None:
     # sizes that are not a multiple of 8 are scanned byte by byte, the others by 8-byte words
     for shape in ((4, 1, 7, 9), (3, 1, 1, 5), (2, 1, 6, 1), (0, 1, 4, 4), (3, 1, 8, 16), (2, 1, 5, 8)):
