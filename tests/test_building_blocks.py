@@ -324,6 +324,8 @@ def test_upsampled_mask_positions_keep_values_equal_to_the_threshold() -> None:
     values = torch.full((2, 1, 8, 8), 0.3)
     b, p = upsampled_mask_positions(values, torch.full((2, 1, 1, 1), 0.3), (16, 16))
     assert torch.equal(b.bincount(minlength=2), torch.tensor([256, 256])) and p.unique().numel() == 256
+    b, p = upsampled_mask_positions(values[:0], torch.full((0, 1, 1, 1), 0.3), (16, 16))  # an empty batch
+    assert b.numel() == 0 and p.numel() == 0
 
 
 def test_upsampled_mask_positions_on_a_batch_of_noise_maps() -> None:

@@ -398,7 +398,7 @@ def upsampled_mask_positions(values: Tensor, threshold: Tensor, size: tuple[int,
     hot = torch.zeros(padded.shape, dtype=torch.bool, device=values.device)  # cell (i, j): padded corners (i, j) ..
     torch.ge(torch.maximum(rows[..., :-1], rows[..., 1:]), 0, out=hot[..., :-1, :-1])  # .. (i + 1, j + 1)
     b, cell = mask_positions(hot)
-    corners = padded.view(-1).take((b * hot[0].numel() + cell).unsqueeze(1) + corner_offset)  # [M, 4]
+    corners = padded.view(-1).take((b * ((h + 2) * (w + 2)) + cell).unsqueeze(1) + corner_offset)  # [M, 4]
     keep = (corners @ weights) >= 0  # [M, f * f]
     keep &= valid.index_select(0, cell)  # pixels of the edge cells that fall outside the image
     index = keep.view(-1).nonzero().squeeze(1)
