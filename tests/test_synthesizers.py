@@ -346,6 +346,31 @@ def test_perlin_sample_masks_are_the_masks_of_the_call(photos: torch.Tensor, for
         assert torch.equal(masks, synth(images, generator=gen(4)).masks > 0.5)
 
 
+@pytest.mark.parametrize("size", [(256, 256), (512, 384), (200, 136)])
+def test_perlin_cell_threshold_gives_the_output_of_the_dense_threshold(
+    photos: torch.Tensor, size: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """perlin's masks and images equal those of upsampling the noise to full size and thresholding it (factors 2, 4
+    and 1; textures and an object, where the foreground filter applies), pixel order included."""
+    import anomalib_synth.synthesizers.perlin as perlin_module
+    from anomalib_synth.synthesizers.ops import mask_positions
+
+    def dense(values, threshold, out_size):
+        return mask_positions(F.interpolate(values, size=out_size, mode="bilinear", align_corners=False) >= threshold)
+
+    textures = F.interpolate(photos[:3], size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+    obj = torch.full((3, 3, *size), 0.9)
+    obj[:, :, size[0] // 4 : size[0] * 3 // 4, size[1] // 3 : size[1] * 2 // 3] = 0.3
+    synth = get("perlin")
+    for images in (textures, obj):
+        fast = synth(images, generator=gen(6))
+        with monkeypatch.context() as patch:
+            patch.setattr(perlin_module, "upsampled_mask_positions", dense)
+            slow = synth(images, generator=gen(6))
+        assert torch.equal(fast.masks, slow.masks) and torch.equal(fast.images, slow.images)
+        assert bool(fast.labels.all())
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"area_range": (0.05, 0.2)}])
 def test_perlin_on_a_batch_of_textures_equals_an_everywhere_foreground(photos: torch.Tensor, kwargs: dict) -> None:
     """A batch with no plain background skips the foreground passes; the result equals an explicit all-true mask,
